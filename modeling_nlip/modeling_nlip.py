@@ -1,0 +1,262 @@
+# Copyright 2026 The nlip authors. Licensed under the Apache License, Version 2.0.
+"""NLIP dual encoder: an image tower and a text tower (any transformers backbones) projected into one space.
+
+Remote-code safe: imports only torch, transformers and sibling files, so `save_pretrained` can copy it next to a
+checkpoint and users without the `nlip` package load it with `trust_remote_code=True`.
+"""
+
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple, logging
+
+from .configuration_nlip import NLIPConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class NLIPOutput(ModelOutput):
+    """
+    Output of [`NLIPModel`], the same contract as transformers' `CLIPOutput`.
+
+    Args:
+        loss: symmetric contrastive (InfoNCE) loss, when `return_loss=True`.
+        logits_per_image: `[n_images, n_texts]` scaled cosine similarities.
+        logits_per_text: `[n_texts, n_images]`, the transpose.
+        text_embeds / image_embeds: L2-normalised projected embeddings.
+        text_model_output / vision_model_output: the towers' own outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ["text_model_output", "vision_model_output"] else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def symmetric_contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss: mean of the text->image and image->text cross-entropies with the diagonal as targets."""
+    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return (nn.functional.cross_entropy(logits_per_text, targets) + nn.functional.cross_entropy(logits_per_text.T, targets)) / 2
+
+
+def pool_tower_output(outputs: BaseModelOutputWithPooling, mode: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One vector per example from a tower's output: its pooler, the masked token mean, or the first token."""
+    if mode == "pooler":
+        if outputs.pooler_output is None:
+            raise ValueError("This tower has no pooler_output; set NLIPConfig vision_pooling/text_pooling to 'mean' or 'cls'.")
+        return outputs.pooler_output
+    hidden = outputs.last_hidden_state
+    if mode == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class NLIPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the flags shared by every NLIP head."""
+
+    config: NLIPConfig
+    base_model_prefix = "nlip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Auto classes besides the one given to `register_for_auto_class` that a saved checkpoint's `auto_map` names.
+    _extra_auto_classes: tuple[str, ...] = ()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus `auto_map` entries for `_extra_auto_classes` (remote code)."""
+        if self._auto_class is not None and self._extra_auto_classes:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map.update(dict.fromkeys(self._extra_auto_classes, target))
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, NLIPModel):
+            factor = self.config.initializer_factor
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+def build_tower(config) -> PreTrainedModel:
+    """Instantiate a backbone from its config via the Auto classes (CLIP vision/text, ViT, SigLIP, BERT, ...)."""
+    return AutoModel.from_config(config)
+
+
+class NLIPModel(NLIPPreTrainedModel):
+    """
+    Contrastive image-text dual encoder with `CLIPModel`'s interface, so transformers' `zero-shot-image-classification`
+    pipeline, `CLIPModel`-style training loops and the nlip noise-robust losses all apply unchanged.
+    """
+
+    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+
+    def __init__(
+        self,
+        config: NLIPConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else build_tower(config.vision_config)
+        self.text_model = text_model if text_model is not None else build_tower(config.text_config)
+        # Share the sub-configs so that later config edits (attention implementation, ...) reach the towers.
+        config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
+        config.text_config._attn_implementation = self.text_model.config._attn_implementation
+        self.vision_model.config = config.vision_config
+        self.text_model.config = config.text_config
+
+        self.projection_dim = config.projection_dim
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_embed_dim = config.text_config.hidden_size
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def _text_tower_outputs(self, input_ids, attention_mask, position_ids, token_type_ids, **kwargs):
+        extra = {"position_ids": position_ids, "token_type_ids": token_type_ids}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra, **kwargs)
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Text tower output whose `pooler_output` is the projected (unnormalised) text embedding."""
+        outputs = self._text_tower_outputs(input_ids, attention_mask, position_ids, token_type_ids, **kwargs)
+        pooled = pool_tower_output(outputs, self.config.text_pooling, attention_mask)
+        outputs.pooler_output = self.text_projection(pooled)
+        return outputs
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
+        """Image tower output whose `pooler_output` is the projected (unnormalised) image embedding."""
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        pooled = pool_tower_output(outputs, self.config.vision_pooling)
+        outputs.pooler_output = self.visual_projection(pooled)
+        return outputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> NLIPOutput:
+        r"""
+        Embeds images and texts and scores every pair.
+
+        return_loss (`bool`, *optional*):
+            Whether to return the symmetric contrastive loss over the batch (CLIP's loss). The noise-robust losses
+            (NLIP, NPC, SRCL) live in `trainers.losses` and consume this output's embeddings.
+        """
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
+        vision_outputs = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
+        text_outputs = self.get_text_features(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            **tower_kwargs,
+        )
+        image_embeds = vision_outputs.pooler_output / vision_outputs.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text_outputs.pooler_output / text_outputs.pooler_output.norm(p=2, dim=-1, keepdim=True)
+
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device)) * self.logit_scale.exp().to(
+            text_embeds.device
+        )
+        logits_per_image = logits_per_text.t()
+        loss = symmetric_contrastive_loss(logits_per_text) if return_loss else None
+
+        return NLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        **kwargs,
+    ) -> "NLIPModel":
+        """
+        Build an NLIP dual encoder from two pretrained towers (local folders or Hub ids); the projections are new.
+
+        A full CLIP checkpoint given as a tower contributes its vision (resp. text) transformer. Keyword arguments
+        prefixed `vision_` / `text_` go to that tower's `from_pretrained`; the rest (`projection_dim`,
+        `text_pooling`, ...) to [`NLIPConfig`]. Sentence-transformers text towers (MiniLM, MPNet) are trained with
+        mean pooling: pass `text_pooling="mean"`.
+        """
+        config_kwargs = {k: kwargs.pop(k) for k in ("vision_pooling", "text_pooling") if k in kwargs}
+        vision_kwargs = {k[len("vision_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
+        text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
+        kwargs.update(config_kwargs)
+        vision_model = _load_tower(vision_model_name_or_path, "vision_config", vision_kwargs)
+        text_model = _load_tower(text_model_name_or_path, "text_config", text_kwargs)
+        config = NLIPConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
+        model = cls(config, vision_model=vision_model, text_model=text_model)
+        logger.warning(
+            "The projection layers and logit scale of this NLIPModel are newly initialised: train it before use."
+        )
+        return model
+
+
+def _load_tower(name_or_path: str, sub_config_name: str, kwargs: dict) -> PreTrainedModel:
+    """Load one pretrained tower; from a composite checkpoint (CLIP, SigLIP) take its `vision_config`/`text_config` part."""
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
+    if hasattr(config, sub_config_name) and getattr(config, sub_config_name) is not None:
+        config = getattr(config, sub_config_name)
+    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+__all__ = ["NLIPOutput", "NLIPPreTrainedModel", "NLIPModel"]
