@@ -1,0 +1,149 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+
+from trainers.noise_estimation import CleanProbabilityEstimator, NoiseEstimate
+
+
+def _bimodal(num_samples=20_000, noise_rate=0.3, seed=0):
+    """Clean losses around 0.5, noisy ones around 3 (what a warmed-up contrastive model shows)."""
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(num_samples) < noise_rate
+    losses = np.where(noisy, rng.normal(3.0, 0.5, num_samples), rng.gamma(4.0, 0.125, num_samples))
+    return losses.astype(np.float32), noisy
+
+
+def test_separates_bimodal_losses():
+    losses, noisy = _bimodal()
+    estimate = CleanProbabilityEstimator().fit(losses)
+    assert isinstance(estimate, NoiseEstimate) and estimate.reason is None
+    assert estimate.clean_prob.dtype == np.float32 and estimate.clean_prob.shape == losses.shape
+    assert roc_auc_score(noisy, estimate.noise_prob) > 0.99
+    assert abs(estimate.noise_prob.mean() - 0.3) < 0.02
+    assert abs(estimate.means[0] - 0.5) < 0.05 and abs(estimate.means[1] - 3.0) < 0.1
+    assert abs(estimate.weights[1] - 0.3) < 0.02
+    assert 0.9 < estimate.loss_threshold < 2.2
+    assert np.array_equal(CleanProbabilityEstimator().fit(losses).clean_prob, estimate.clean_prob)  # seeded
+
+
+def test_fits_on_a_subsample_and_predicts_on_all():
+    losses, noisy = _bimodal(num_samples=50_000, seed=1)
+    estimator = CleanProbabilityEstimator(max_fit_samples=1_000, seed=3)
+    estimate = estimator.fit(losses)
+    assert estimate.clean_prob.shape == (50_000,)
+    assert roc_auc_score(noisy, estimate.noise_prob) > 0.99
+
+
+def test_clean_probability_is_non_increasing_in_loss():
+    # A narrow clean mode and a broad noisy one: the raw posterior would call the lowest losses noisy.
+    rng = np.random.default_rng(2)
+    losses = np.concatenate([rng.normal(1.0, 0.05, 5000), rng.normal(3.0, 1.0, 5000)])
+    estimator = CleanProbabilityEstimator()
+    estimator.fit(losses)
+    grid = np.linspace(-5, 10, 2001)
+    clean_prob = estimator.predict(grid).clean_prob
+    assert np.all(np.diff(clean_prob) <= 0)
+    assert clean_prob[0] > 0.95 and clean_prob[-1] < 0.01
+    # The unclipped posterior (from the fitted parameters, in normalised units) at the lowest loss would be ≈ 0.
+    mixture = estimator.state_dict()["mixture"]
+    lowest = (grid[0] - mixture["loss_min"]) / (mixture["loss_max"] - mixture["loss_min"])
+    densities = [
+        weight * norm.pdf(lowest, mean, np.sqrt(variance))
+        for mean, variance, weight in zip(mixture["means"], mixture["variances"], mixture["weights"])
+    ]
+    assert densities[0] / sum(densities) < 1e-3
+
+
+def test_non_finite_losses_are_skipped_in_fit():
+    losses, noisy = _bimodal(num_samples=5_000)
+    with_bad = np.concatenate([losses, [np.nan, np.inf, -np.inf]])
+    estimate = CleanProbabilityEstimator().fit(with_bad)
+    assert estimate.reason is None
+    assert roc_auc_score(noisy, estimate.noise_prob[:5000]) > 0.99
+    nan_prob, inf_prob, minus_inf_prob = estimate.clean_prob[-3:]
+    assert nan_prob == 1.0  # no evidence, as for a LossBank entry never seen
+    assert inf_prob < 0.01 and minus_inf_prob > 0.99
+
+
+@pytest.mark.parametrize(
+    "losses, reason",
+    [
+        (np.full(100, 0.7), "all 100 finite losses are equal (0.7)"),
+        (np.full(50, np.nan), "only 0 finite losses out of 50"),
+        (np.array([np.inf, -np.inf, np.nan] * 10), "only 0 finite losses out of 30"),
+        (np.array([0.1, 2.0, 5.0]), "only 3 finite losses out of 3 (need at least min_samples=10)"),
+        (np.array([]), "only 0 finite losses out of 0"),
+    ],
+)
+def test_degenerate_inputs_fall_back_to_clean(losses, reason, caplog):
+    estimator = CleanProbabilityEstimator()
+    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+        estimate = estimator.fit(losses)
+    assert estimate.reason.startswith(reason), estimate.reason
+    assert reason in caplog.text
+    assert np.array_equal(estimate.clean_prob, np.ones(len(losses), dtype=np.float32))
+    assert estimate.means is None and not estimator.is_fitted
+    assert np.array_equal(estimator.predict([5.0, 0.1]).clean_prob, [1.0, 1.0])
+
+
+def test_fit_failure_falls_back(monkeypatch, caplog):
+    def failing_fit(self, X, y=None):
+        raise ValueError("simulated collapse")
+
+    monkeypatch.setattr(GaussianMixture, "fit", failing_fit)
+    losses, _ = _bimodal(num_samples=1_000)
+    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+        estimate = CleanProbabilityEstimator().fit(losses)
+    assert estimate.reason == "GaussianMixture fit failed: simulated collapse"
+    assert "simulated collapse" in caplog.text
+    assert (estimate.clean_prob == 1).all()
+
+
+def test_refit_after_fallback_recovers():
+    estimator = CleanProbabilityEstimator()
+    estimator.fit(np.full(20, 1.0))
+    losses, noisy = _bimodal(num_samples=2_000)
+    estimate = estimator.fit(torch.from_numpy(losses))
+    assert estimate.reason is None and estimator.is_fitted and estimator.reason is None
+    assert roc_auc_score(noisy, estimate.noise_prob) > 0.99
+
+
+def test_predict_before_fit_is_clean():
+    estimate = CleanProbabilityEstimator().predict(np.array([0.1, 3.0]))
+    assert np.array_equal(estimate.clean_prob, [1.0, 1.0])
+    assert estimate.reason == "the estimator has not been fit yet"
+
+
+def test_state_dict_round_trip_gives_identical_predictions():
+    losses, _ = _bimodal(num_samples=3_000)
+    estimator = CleanProbabilityEstimator(max_fit_samples=2_000, seed=5)
+    fitted = estimator.fit(losses)
+    state = json.loads(json.dumps(estimator.state_dict()))  # plain values only
+    restored = CleanProbabilityEstimator()
+    restored.load_state_dict(state)
+    assert restored.max_fit_samples == 2_000 and restored.seed == 5
+    new_losses = np.linspace(-1, 6, 500)
+    assert np.array_equal(restored.predict(new_losses).clean_prob, estimator.predict(new_losses).clean_prob)
+    assert restored.predict(losses).means == fitted.means
+    assert restored.predict(losses).loss_threshold == fitted.loss_threshold
+    # A fallback state restores as a fallback.
+    estimator.fit(np.full(5, 1.0))
+    restored.load_state_dict(estimator.state_dict())
+    assert restored.predict(new_losses).reason.startswith("only 5 finite losses")
+    with pytest.raises(ValueError, match=r"missing \['mixture'\]"):
+        restored.load_state_dict({k: v for k, v in estimator.state_dict().items() if k != "mixture"})
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="1-D"):
+        CleanProbabilityEstimator().fit(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="min_samples"):
+        CleanProbabilityEstimator(min_samples=1)
+    with pytest.raises(ValueError, match="max_fit_samples"):
+        CleanProbabilityEstimator(max_fit_samples=5)

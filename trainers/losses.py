@@ -1,0 +1,394 @@
+"""Contrastive losses for noisy image-text pairs (DESIGN.md §4).
+
+Every function here is a pure function of tensors: embeddings of shape `[B, D]` (normalised inside with
+`F.normalize`, so already-normalised inputs are fine), `logit_scale` the multiplicative scale `1/τ` (a float or a 0-dim
+tensor such as `model.logit_scale.exp()`), and `reduction` in `{"mean", "sum", "none"}` where `"none"` returns the
+per-sample vector `[B]`.
+
+Conventions shared by all losses:
+
+- `CE_i` is the symmetric per-sample InfoNCE (the CLIP loss)
+  `½(−log softmax_j(z_i·)_i − log softmax_j(z_·i)_i)` with `z_ij = logit_scale · cos(v_i, t_j)`.
+- `sample_weights` (`[B]`) multiply the per-sample loss before reduction, and `"mean"` divides by the batch size `B`,
+  **not** by the sum of the weights: a batch of low-confidence samples then really gets a smaller gradient.
+- The loss is computed in at least float32 whatever the embedding dtype (mixed precision safe; float64 stays float64).
+- Under data parallelism the caller passes globally gathered features (all-gather with autograd): every process then
+  computes the same global loss; nothing here is process-specific.
+
+Methods (cite these when using the losses):
+
+- NLIP: Huang et al., "NLIP: Noise-robust Language-Image Pre-training", AAAI 2023.
+- NPC: Zhang et al., "Negative Pre-aware for Noisy Cross-modal Matching", AAAI 2024.
+- SRCL: Jiang et al., "Vision Language Pre-training by Contrastive Learning with Cross-Modal Similarity Regulation",
+  ACL 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# Weights of negatives: one [B, B] tensor (used as w^v, with w^t its transpose) or a pair (w^v, w^t).
+NegativeWeights = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+DEFAULT_SRCL_TEMPERATURE = 0.1
+
+
+def _check_pair(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, names: str = "image_embeds/text_embeds"
+) -> None:
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2:
+        raise ValueError(
+            f"{names} must both be 2-D [B, D]; got shapes {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}."
+        )
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"{names} must have the same shape [B, D] (row i of each is pair i); got {tuple(image_embeds.shape)} and "
+            f"{tuple(text_embeds.shape)}."
+        )
+    if image_embeds.shape[0] == 0:
+        raise ValueError(f"{names} are empty: a contrastive loss needs at least one pair.")
+
+
+def _per_sample_vector(value, batch_size: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """`value` (tensor, array or sequence) as a `[B]` tensor of `like`'s device and dtype, or a clear error."""
+    vector = torch.as_tensor(value, device=like.device).to(like.dtype)
+    if vector.shape != (batch_size,):
+        raise ValueError(f"`{name}` must have shape [{batch_size}] (one value per pair); got {tuple(vector.shape)}.")
+    return vector
+
+
+def _reduce(per_sample: torch.Tensor, sample_weights, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}; got {reduction!r}.")
+    if sample_weights is not None:
+        per_sample = per_sample * _per_sample_vector(sample_weights, per_sample.shape[0], per_sample, "sample_weights")
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _log_negative_weights(weights: torch.Tensor, batch_size: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """log w as a detached [B, B] tensor (`like`'s dtype) with a zero (weight 1) diagonal; weights must be >= 0."""
+    weights = torch.as_tensor(weights, device=like.device).detach().to(like.dtype)
+    if weights.shape != (batch_size, batch_size):
+        raise ValueError(f"`{name}` must have shape [{batch_size}, {batch_size}]; got {tuple(weights.shape)}.")
+    if bool((weights < 0).any()) or bool(torch.isnan(weights).any()):
+        raise ValueError(f"`{name}` must be non-negative and not NaN (they multiply e^z inside the softmax).")
+    return weights.log().fill_diagonal_(0.0)
+
+
+def _split_negative_weights(negative_weights: NegativeWeights | None):
+    if negative_weights is None:
+        return None, None
+    if isinstance(negative_weights, torch.Tensor):
+        return negative_weights, negative_weights.transpose(0, 1)
+    if isinstance(negative_weights, Sequence) and len(negative_weights) == 2:
+        return negative_weights[0], negative_weights[1]
+    raise TypeError(
+        "`negative_weights` must be a [B, B] tensor (w^v, with w^t = its transpose) or a tuple (w_v, w_t); "
+        f"got {type(negative_weights).__name__}."
+    )
+
+
+def contrastive_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale) -> torch.Tensor:
+    """`logits_per_image[i, j] = logit_scale · cos(v_i, t_j)`, shape `[B_image, B_text]`.
+
+    `logits_per_text` is its transpose. Embeddings are L2-normalised here, so raw projections can be passed.
+    """
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(
+            "image_embeds and text_embeds must be 2-D with the same embedding size; got "
+            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}."
+        )
+    return logit_scale * (F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).transpose(0, 1))
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _pair_cosine(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """`s_ii = cos(v_i, t_i)` in at least float32, shape `[B]`."""
+    image_embeds, text_embeds = _at_least_float32(image_embeds), _at_least_float32(text_embeds)
+    return (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)
+
+
+def _per_sample_contrastive(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale, negative_weights: NegativeWeights | None
+) -> torch.Tensor:
+    """Symmetric per-sample InfoNCE `CE_i` ([B], at least float32), optionally with weighted negatives."""
+    _check_pair(image_embeds, text_embeds)
+    batch_size = image_embeds.shape[0]
+    logits = _at_least_float32(contrastive_logits(image_embeds, text_embeds, logit_scale))
+    positives = logits.diagonal()
+    weights_v, weights_t = _split_negative_weights(negative_weights)
+    per_direction = []
+    for direction_logits, weights, name in ((logits, weights_v, "w_v"), (logits.transpose(0, 1), weights_t, "w_t")):
+        if weights is not None:
+            # log(e^{z_ii} + Σ_{j≠i} w_ij e^{z_ij}) = logsumexp_j(z_ij + log w_ij) with log w_ii = 0.
+            direction_logits = direction_logits + _log_negative_weights(weights, batch_size, logits, name)
+        per_direction.append(torch.logsumexp(direction_logits, dim=1) - positives)
+    return 0.5 * (per_direction[0] + per_direction[1])
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale,
+    *,
+    sample_weights=None,
+    negative_weights: NegativeWeights | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Symmetric InfoNCE (the CLIP loss), optionally with per-sample and per-negative weights.
+
+    Per sample `CE_i = ½(L^v_i + L^t_i)` with
+    `L^v_i = −log(e^{z_ii} / (e^{z_ii} + Σ_{j≠i} w^v_ij e^{z_ij}))` (image i against all texts) and
+    `L^t_i = −log(e^{z_ii} / (e^{z_ii} + Σ_{j≠i} w^t_ij e^{z_ji}))` (text i against all images).
+    Without weights this is exactly CLIP's `½(CE(logits_per_image) + CE(logits_per_text))`.
+
+    Args:
+        negative_weights: `w^v` as a `[B, B]` tensor — `w^v[i, j]` weighs text j as a negative of image i — in which
+            case the text->image weights are its transpose (`w^t[i, j] = w^v[j, i]` weighs image j as a negative of
+            text i, i.e. the same pair gets the same weight from both sides), or a tuple `(w_v, w_t)` with `w_t`
+            indexed `[text, image]` (SRCL normalises each direction separately). Diagonals are ignored (the positive
+            always has weight 1), weights must be >= 0 and are treated as constants (detached). The weighted
+            denominator is computed in log space: `logsumexp_j(z_ij + log w_ij)`.
+        sample_weights: `[B]` weights multiplying `CE_i` before reduction; `"mean"` returns `Σ_i w_i·CE_i / B`.
+
+    Used by SRCL (Jiang et al., ACL 2023) for the negative weights and by NPC (Zhang et al., AAAI 2024) for the
+    per-sample weights.
+    """
+    per_sample = _per_sample_contrastive(image_embeds, text_embeds, logit_scale, negative_weights)
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def nitc_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale,
+    noise_prob,
+    *,
+    strength: float = 0.1,
+    synthetic_text_embeds: torch.Tensor | None = None,
+    negative_weights: NegativeWeights | None = None,
+    synthetic_negative_weights: NegativeWeights | None = None,
+    sample_weights=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """NLIP's noise-adaptive image-text contrastive loss (NITC; Huang et al., AAAI 2023; DESIGN §4.2/§4.3).
+
+    Per sample `(1 − ε_i)·CE_i + λ·ε_i·s_ii`, where `ε_i = noise_prob[i]`, `λ = strength` and `s_ii = cos(v_i, t_i)`:
+    a clean pair is aligned as usual, a likely-noisy one is not pulled together but gently pushed apart. With synthetic
+    captions `t̂` (noise completion) a second positive enters, weighted by noise:
+    `(1 − ε_i)·CE(v_i, t_i) + ε_i·CE(v_i, t̂_i) + λ·ε_i·s_ii`, where `CE(v, t̂)` is the symmetric contrastive loss
+    between the images and the synthetic captions of the same batch. The paper's exact equations are not public; this
+    is the project's documented formulation.
+
+    Args:
+        noise_prob: `[B]` noise probabilities `ε_i = 1 − p_i` in [0, 1] (constants; 0 before the first GMM fit, which
+            makes this plain InfoNCE).
+        strength: `λ`, the weight of the similarity penalty on likely-noisy pairs.
+        negative_weights: SRCL-style negative weights for the real-caption term `CE(v_i, t_i)` (see
+            `contrastive_loss`).
+        synthetic_negative_weights: the same for the synthetic-caption term `CE(v_i, t̂_i)`.
+        sample_weights: `[B]` weights multiplying the whole per-sample term (e.g. NPC confidences); `"mean"` divides by
+            `B`.
+    """
+    per_sample = _per_sample_contrastive(image_embeds, text_embeds, logit_scale, negative_weights)
+    noise = _per_sample_vector(noise_prob, per_sample.shape[0], per_sample, "noise_prob").detach()
+    if bool(((noise < 0) | (noise > 1) | torch.isnan(noise)).any()):
+        raise ValueError("`noise_prob` must lie in [0, 1] (it is 1 − the GMM clean probability).")
+    per_sample = (1 - noise) * per_sample + strength * noise * _pair_cosine(image_embeds, text_embeds)
+    if synthetic_text_embeds is not None:
+        _check_pair(image_embeds, synthetic_text_embeds, "image_embeds/synthetic_text_embeds")
+        per_sample = per_sample + noise * _per_sample_contrastive(
+            image_embeds, synthetic_text_embeds, logit_scale, synthetic_negative_weights
+        )
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def srcl_negative_weights(
+    online_similarity: torch.Tensor,
+    *,
+    reference_similarity: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    temperature: float = DEFAULT_SRCL_TEMPERATURE,
+) -> torch.Tensor:
+    """SRCL negative weights (Jiang et al., ACL 2023; DESIGN §4.5), detached, shape `[B, B]`.
+
+    From the mixed cosine similarity `ŝ = α·s_ref + (1 − α)·s_online` (row i = anchor i, column j = candidate j),
+    `σ_ij = exp(ŝ_ij / τ_w)` and `w_ij ∝ 1/σ_ij`; each row's off-diagonal weights are rescaled to mean 1 (computed as
+    `(B − 1)·softmax_{j≠i}(−ŝ_ij/τ_w)`, stable for any τ_w) and the diagonal is set to 1 (it is not a negative). A
+    negative that looks like the anchor's positive (a likely false negative) thus weighs less than an easy one.
+
+    Pass the image->text similarity matrix to get `w^v`, and its transpose to get `w^t`.
+
+    Default `temperature = 0.1`: cosine similarities between unrelated pairs spread by a few hundredths, while a false
+    negative sits ~0.1–0.2 above them, so τ_w = 0.1 leaves ordinary negatives within a factor ≈ e^{±0.5} of 1 and
+    brings false negatives down to ≈ e^{-1}–e^{-2} (0.37–0.14), in line with the paper's observation that false
+    negatives end with weights ≤ 0.2. Smaller τ_w suppresses harder; larger τ_w tends to plain InfoNCE (all weights 1).
+
+    Args:
+        online_similarity: `[B, B]` cosine similarities from the model being trained.
+        reference_similarity: `[B, B]` cosine similarities from a frozen reference model; required when `alpha > 0`.
+        alpha: mixing weight of the reference in [0, 1] (the paper decays it from 1 to 0 over training).
+        temperature: `τ_w` > 0.
+    """
+    if online_similarity.ndim != 2 or online_similarity.shape[0] != online_similarity.shape[1]:
+        raise ValueError(f"`online_similarity` must be a square [B, B] matrix; got {tuple(online_similarity.shape)}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1]; got {alpha}.")
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0; got {temperature}.")
+    similarity = _at_least_float32(online_similarity.detach())
+    if alpha > 0:
+        if reference_similarity is None:
+            raise ValueError(f"`alpha`={alpha} > 0 mixes in a reference model, but `reference_similarity` is None.")
+        if reference_similarity.shape != online_similarity.shape:
+            raise ValueError(
+                f"`reference_similarity` must have the shape of `online_similarity` {tuple(online_similarity.shape)}; "
+                f"got {tuple(reference_similarity.shape)}."
+            )
+        reference = reference_similarity.detach().to(similarity.device, similarity.dtype)
+        similarity = alpha * reference + (1 - alpha) * similarity
+    batch_size = similarity.shape[0]
+    if batch_size == 1:
+        return torch.ones_like(similarity)
+    diagonal = torch.eye(batch_size, dtype=torch.bool, device=similarity.device)
+    logits = (-similarity / temperature).masked_fill(diagonal, float("-inf"))
+    weights = (batch_size - 1) * torch.softmax(logits, dim=1)
+    return weights.masked_fill(diagonal, 1.0)
+
+
+def _detached_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine-similarity matrix `[B, B]` without gradient, in at least float32."""
+    return contrastive_logits(_at_least_float32(image_embeds.detach()), _at_least_float32(text_embeds.detach()), 1.0)
+
+
+def srcl_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale,
+    *,
+    reference_image_embeds: torch.Tensor | None = None,
+    reference_text_embeds: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    temperature: float = DEFAULT_SRCL_TEMPERATURE,
+    sample_weights=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Similarity-regulated contrastive loss (SRCL; Jiang et al., ACL 2023; DESIGN §4.5).
+
+    `contrastive_loss` with `w^v = srcl_negative_weights(S)` and `w^t = srcl_negative_weights(Sᵀ)` where `S` is the
+    image->text cosine-similarity matrix of the batch (mixed with the reference model's, weight `alpha`, when
+    reference embeddings are given). Each direction is normalised on its own, so `w^t ≠ (w^v)ᵀ` in general.
+    """
+    _check_pair(image_embeds, text_embeds)
+    online = _detached_similarity(image_embeds, text_embeds)
+    reference = None
+    if (reference_image_embeds is None) != (reference_text_embeds is None):
+        raise ValueError("Pass both `reference_image_embeds` and `reference_text_embeds`, or neither.")
+    if reference_image_embeds is not None:
+        _check_pair(reference_image_embeds, reference_text_embeds, "reference_image_embeds/reference_text_embeds")
+        reference = _detached_similarity(reference_image_embeds, reference_text_embeds)
+    weights_v = srcl_negative_weights(online, reference_similarity=reference, alpha=alpha, temperature=temperature)
+    weights_t = srcl_negative_weights(
+        online.T, reference_similarity=None if reference is None else reference.T, alpha=alpha, temperature=temperature
+    )
+    return contrastive_loss(
+        image_embeds,
+        text_embeds,
+        logit_scale,
+        sample_weights=sample_weights,
+        negative_weights=(weights_v, weights_t),
+        reduction=reduction,
+    )
+
+
+def npc_confidence(
+    memory_loss_before_image: torch.Tensor,
+    memory_loss_after_image: torch.Tensor,
+    memory_loss_before_text: torch.Tensor,
+    memory_loss_after_text: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """NPC per-sample confidence (Zhang et al., AAAI 2024; DESIGN §4.4 step 3), detached, shape `[B]`.
+
+    `r_i = ½(ℓ⁰_I,i/ℓ¹_I,i + ℓ⁰_T,i/ℓ¹_T,i)` where `ℓ⁰`/`ℓ¹` are the losses of sample i's image-side / text-side memory
+    entries before / after one optimizer step of a sibling model on the batch; `w_i = tanh(r_i)` if `r_i < 1` else 1
+    (training on sample i made its clean neighbours worse ⇒ low confidence).
+
+    Division guard: each ratio is computed as `(ℓ⁰ + eps)/(ℓ¹ + eps)`, so a zero loss after the step gives a huge ratio
+    (w = 1, not inf/NaN) and equal losses — including both zero — give ratio 1.
+    """
+    losses = [memory_loss_before_image, memory_loss_after_image, memory_loss_before_text, memory_loss_after_text]
+    shape = torch.as_tensor(losses[0]).shape
+    if len(shape) != 1 or any(torch.as_tensor(loss).shape != shape for loss in losses):
+        raise ValueError(
+            "The four NPC memory losses must be 1-D [B] tensors of the same length; got shapes "
+            f"{[tuple(torch.as_tensor(loss).shape) for loss in losses]}."
+        )
+    before_image, after_image, before_text, after_text = (torch.as_tensor(loss).detach().float() for loss in losses)
+    ratio = 0.5 * ((before_image + eps) / (after_image + eps) + (before_text + eps) / (after_text + eps))
+    return torch.where(ratio < 1, torch.tanh(ratio), torch.ones_like(ratio))
+
+
+@dataclass
+class NPCLossOutput:
+    """Output of `npc_loss`.
+
+    Attributes:
+        loss: the training loss, `reduce_i(w_i·CE_i) + memory_loss` (scalar).
+        per_sample: the unweighted batch `CE_i` (`[B]`, with graph) — what a `LossBank` records.
+        memory_loss: the contrastive loss of the memory pairs (scalar, with graph).
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    memory_loss: torch.Tensor
+
+
+def npc_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale,
+    confidence,
+    memory_image_embeds: torch.Tensor,
+    memory_text_embeds: torch.Tensor,
+    *,
+    reduction: str = "mean",
+) -> NPCLossOutput:
+    """NPC's re-weighted training loss (Zhang et al., AAAI 2024; DESIGN §4.4 step 4), following the paper.
+
+    `loss = mean_i(w_i·CE_i) + L_memory`, where `w_i = confidence[i]` (from `npc_confidence`) weighs each sample's own
+    `CE_i` (not the batch mean as in the official code) and `L_memory` is the mean symmetric InfoNCE of the memory
+    pairs **with gradient** (the official code's memory term carries none).
+
+    Memory pairs: row k of `memory_image_embeds` and `memory_text_embeds` is the image and the caption of one clean
+    pair (`[M, D]` each). The caller concatenates the batch's image-side and text-side memory entries into this one
+    set; deduplicate them first (e.g. `torch.unique` on their dataset indices), since a clean pair that is the
+    neighbour of several samples would otherwise be its own false negative.
+
+    Args:
+        reduction: `"mean"` (`Σ_i w_i·CE_i / B`) or `"sum"` for the batch term; the memory term is always a mean. For
+            per-sample values use the output's `per_sample`.
+    """
+    if reduction == "none":
+        raise ValueError("`npc_loss` returns a scalar; use `reduction='mean'` or 'sum' and read `.per_sample`.")
+    _check_pair(memory_image_embeds, memory_text_embeds, "memory_image_embeds/memory_text_embeds")
+    per_sample = _per_sample_contrastive(image_embeds, text_embeds, logit_scale, None)
+    confidence = _per_sample_vector(confidence, per_sample.shape[0], per_sample, "confidence").detach()
+    memory_loss = contrastive_loss(memory_image_embeds, memory_text_embeds, logit_scale)
+    loss = _reduce(per_sample, confidence, reduction) + memory_loss
+    return NPCLossOutput(loss=loss, per_sample=per_sample, memory_loss=memory_loss)
