@@ -1,0 +1,1 @@
+"""Hub model-card templates (package data), rendered by `trainers.model_card`."""

@@ -1,0 +1,264 @@
+# Copyright 2026 The nlip authors. Licensed under the Apache License, Version 2.0.
+"""Hub model cards for NLIP checkpoints: what a training run records (`TrainingSummary`, saved as
+`nlip_training_summary.json`) rendered through `model_cards/model_card_template.md` into a `huggingface_hub.ModelCard`.
+
+Only what is recorded appears on the card: absent or unknown (None/NaN) values and empty sections are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TRAINING_SUMMARY_NAME = "nlip_training_summary.json"
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "model_card_template.md"
+PIPELINE_TAGS = {"zero-shot-image-classification": "AutoModel", "image-to-text": "AutoModelForImageTextToText"}
+# Metric names of `trainers.metrics.retrieval_metrics`: reported under a retrieval task in `model-index`.
+RETRIEVAL_METRIC = re.compile(r"(i2t|t2i)_R@\d+|rsum")
+
+
+@dataclass(frozen=True)
+class _Method:
+    title: str
+    description: str
+    citation: str
+    reference: str
+
+
+METHODS = {
+    "clip": _Method(
+        "CLIP contrastive loss (baseline)",
+        "the plain symmetric InfoNCE loss over the batch, with no noise handling",
+        "Radford et al., ICML 2021",
+        "Radford et al. *Learning Transferable Visual Models From Natural Language Supervision.* ICML 2021.",
+    ),
+    "nlip": _Method(
+        "NLIP noise-harmonization and noise-completion",
+        "each pair's loss is tracked during training and, after a warm-up, a two-component Gaussian mixture over the "
+        "normalized losses gives the pair a noise probability `ε`; the pair's contrastive term is weighted by `1 − ε` "
+        "and a term `λ·ε·s_ii` pushes likely mismatched pairs apart. With noise-completion, a concept-conditioned "
+        "captioner writes synthetic captions that serve as a second positive weighted by `ε`",
+        "Huang et al., AAAI 2023",
+        "Huang et al. *NLIP: Noise-Robust Language-Image Pre-training.* AAAI 2023.",
+    ),
+    "npc": _Method(
+        "NPC negative pre-aware fine-tuning",
+        "a memory bank holds each sample's nearest confidently clean pairs; a copy of the model takes one step on the "
+        "batch, and a sample whose step makes its clean neighbours' loss worse gets a low confidence "
+        "`w = tanh(ℓ⁰/ℓ¹)`; the model is updated with the confidence-weighted contrastive loss plus the memory-bank loss",
+        "Zhang et al., AAAI 2024",
+        "Zhang et al. *Negative Pre-aware for Noisy Cross-modal Matching.* AAAI 2024.",
+    ),
+    "srcl": _Method(
+        "SRCL cross-modal similarity regulation",
+        "negatives in the contrastive denominator are re-weighted by the inverse of their cross-modal similarity "
+        "(each row normalized to mean 1), so that likely false negatives — other captions that also fit the image — "
+        "are pushed away less",
+        "Jiang et al., ACL 2023",
+        "Jiang et al. *Vision Language Pre-training by Contrastive Learning with Cross-Modal Similarity Regulation.* "
+        "ACL 2023.",
+    ),
+}
+NOISE_STATISTIC_LABELS = {
+    "mean_noise_probability": "Mean noise probability `ε`",
+    "estimated_noisy_fraction": "Estimated noisy fraction (`ε > 0.5`)",
+    "roc_auc": "Noise-detection ROC-AUC vs. ground truth",
+    "precision": "Noise-detection precision vs. ground truth",
+    "recall": "Noise-detection recall vs. ground truth",
+    "num_pairs": "Pairs scored",
+    "epoch": "Epoch of the estimate",
+}
+
+
+def method_components(method: str) -> list[str]:
+    """The parts of a method name such as `"nlip+srcl"`; ValueError for unknown parts or `clip` in a combination."""
+    parts = [part.strip().lower() for part in method.split("+")]
+    unknown = [part for part in parts if part not in METHODS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)} or a '+'-joined combination of "
+                         f"distinct ones (e.g. 'nlip+srcl'); unknown or repeated: {unknown or parts}.")
+    if "clip" in parts and len(parts) > 1:
+        raise ValueError(f"method={method!r}: 'clip' is the plain baseline and does not combine with other methods.")
+    return parts
+
+
+def _combination_note(parts: list[str]) -> str | None:
+    """How the components of a combined method enter one objective (None for a single method)."""
+    if len(parts) < 2:
+        return None
+    weights = [label for name, label in (("nlip", "NLIP's `1 − ε`"), ("npc", "NPC's confidence")) if name in parts]
+    clauses = [f"the per-pair weights ({' × '.join(weights)}) multiply each pair's contrastive term"] if weights else []
+    if "srcl" in parts:
+        clauses.append("SRCL's weights re-weight the negatives in its denominator")
+    return f"The components are combined in one objective: {' and '.join(clauses)}."
+
+
+def _is_known(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _rows(mapping: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(key, formatted value) for the known values of `mapping`."""
+    return [(key, _format(value)) for key, value in (mapping or {}).items() if _is_known(value)]
+
+
+def _eval_result(dataset: str, metric: str, value: float, pipeline_tag: str) -> EvalResult:
+    """A `model-index` entry; retrieval metrics go under an image-text retrieval task, the rest under the model's."""
+    task_type = "image-text-retrieval" if RETRIEVAL_METRIC.fullmatch(metric) else pipeline_tag
+    return EvalResult(task_type=task_type, task_name=task_type.replace("-", " ").capitalize(), dataset_type=dataset,
+                      dataset_name=dataset, metric_type=metric, metric_name=metric, metric_value=value)
+
+
+def _check_mapping(name: str, value: Any, numbers_only: bool) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise TypeError(f"{name} must be a dict with string keys, got {type(value).__name__}: {value!r}.")
+    allowed = (int, float) if numbers_only else (int, float, str, bool, list, type(None))
+    for key, item in value.items():
+        if not isinstance(item, allowed) or (numbers_only and isinstance(item, bool)):
+            expected = "a number" if numbers_only else "a number, string, bool or list"
+            raise TypeError(f"{name}[{key!r}] must be {expected}, got {type(item).__name__}: {item!r}.")
+
+
+@dataclass
+class TrainingSummary:
+    """What a training run records for its model card; stored as `nlip_training_summary.json` next to the weights.
+
+    Every field is optional, but a card needs a `model_name` (`nlip-push` uses the repo name when absent).
+
+    - `method`: `clip`, `nlip`, `npc`, `srcl` or a `+`-joined combination such as `"nlip+srcl"`.
+    - `base_model`: Hub id of the checkpoint it was fine-tuned from.
+    - `pipeline_tag`: `"zero-shot-image-classification"` (dual encoder) or `"image-to-text"` (captioner).
+    - `noise_settings`: setting name -> value (number, string, bool or list), e.g. `{"noise_rate": 0.4}`.
+    - `noise_statistics`: statistic -> number; the keys of `NOISE_STATISTIC_LABELS` get readable labels
+      (`mean_noise_probability`, `estimated_noisy_fraction`, `roc_auc` when a ground-truth mask is known, ...).
+    - `datasets`: training dataset names or Hub ids.
+    - `evaluation_results`: dataset name -> {metric -> number}, e.g. `{"fashion_mnist test": {"top1": 71.2}}`.
+    - `training_hyperparameters`: name -> value.
+    - `license`: license id for the card metadata.
+    """
+
+    model_name: str | None = None
+    method: str | None = None
+    base_model: str | None = None
+    pipeline_tag: str = "zero-shot-image-classification"
+    noise_settings: dict[str, Any] = field(default_factory=dict)
+    noise_statistics: dict[str, float] | None = None
+    datasets: list[str] = field(default_factory=list)
+    evaluation_results: dict[str, dict[str, float]] | None = None
+    training_hyperparameters: dict[str, Any] | None = None
+    license: str = "apache-2.0"
+
+    def __post_init__(self):
+        if self.method is not None:
+            method_components(self.method)
+        if self.pipeline_tag not in PIPELINE_TAGS:
+            raise ValueError(f"pipeline_tag={self.pipeline_tag!r}: expected one of {list(PIPELINE_TAGS)}.")
+        if self.model_name is not None and not (isinstance(self.model_name, str) and self.model_name.strip()):
+            raise ValueError(f"model_name must be a non-empty string, got {self.model_name!r}.")
+        if not isinstance(self.datasets, list) or not all(isinstance(d, str) and d for d in self.datasets):
+            raise TypeError(f"datasets must be a list of non-empty strings, got {self.datasets!r}.")
+        _check_mapping("noise_settings", self.noise_settings, numbers_only=False)
+        _check_mapping("noise_statistics", self.noise_statistics, numbers_only=True)
+        _check_mapping("training_hyperparameters", self.training_hyperparameters, numbers_only=False)
+        if self.evaluation_results is not None and not isinstance(self.evaluation_results, dict):
+            raise TypeError("evaluation_results must be a dict of dataset -> {metric: number}, "
+                            f"got {self.evaluation_results!r}.")
+        for dataset, metrics in (self.evaluation_results or {}).items():
+            if not isinstance(metrics, dict):
+                raise TypeError(f"evaluation_results[{dataset!r}] must be a dict of metric -> number, got {metrics!r}.")
+            _check_mapping(f"evaluation_results[{dataset!r}]", metrics, numbers_only=True)
+
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """Write the summary to `output_dir/nlip_training_summary.json` and return that path."""
+        path = Path(output_dir) / TRAINING_SUMMARY_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingSummary:
+        """Read a summary from a `nlip_training_summary.json` file or the folder holding one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TRAINING_SUMMARY_NAME
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - fields):
+            raise ValueError(f"{path} has unknown keys {unknown}; expected some of {sorted(fields)}.")
+        return cls(**data)
+
+    def to_model_card(self, repo_id: str | None = None) -> ModelCard:
+        """Render this summary as a model card; `repo_id` goes into the loading snippets (default: `model_name`)."""
+        if self.model_name is None:
+            raise ValueError("A model card needs a model_name.")
+        methods = method_components(self.method) if self.method else []
+        evaluation = {dataset: {m: v for m, v in metrics.items() if _is_known(v)}
+                      for dataset, metrics in (self.evaluation_results or {}).items()}
+        card_data = ModelCardData(
+            model_name=self.model_name,
+            base_model=self.base_model,
+            datasets=self.datasets or None,
+            library_name="transformers",
+            license=self.license,
+            pipeline_tag=self.pipeline_tag,
+            tags=["nlip", "noisy-correspondence", self.pipeline_tag, *[m for m in methods if m != "nlip"], "custom_code"],
+            eval_results=[
+                _eval_result(dataset, metric, value, self.pipeline_tag)
+                for dataset, metrics in evaluation.items() for metric, value in metrics.items()
+            ] or None,
+        )
+
+        if not TEMPLATE_PATH.is_file():
+            raise FileNotFoundError(f"Model card template not found at {TEMPLATE_PATH}.")
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(TEMPLATE_PATH),
+            model_name=self.model_name,
+            repo_id=repo_id or self.model_name,
+            method=self.method,
+            method_names=methods,
+            methods=[METHODS[m] for m in methods],
+            combination=_combination_note(methods),
+            estimates_noise=bool({"nlip", "npc"} & set(methods) or self.noise_statistics),
+            auto_class=PIPELINE_TAGS[self.pipeline_tag],
+            noise_settings=_rows(self.noise_settings),
+            noise_statistics=[(NOISE_STATISTIC_LABELS.get(k, f"`{k}`"), v) for k, v in _rows(self.noise_statistics)],
+            evaluation_results=[(d, m, _format(v)) for d, metrics in evaluation.items() for m, v in metrics.items()],
+            training_hyperparameters=_rows(self.training_hyperparameters),
+        )
+
+
+def render_model_card(*, repo_id: str | None = None, **summary: Any) -> ModelCard:
+    """A `huggingface_hub.ModelCard` for an NLIP checkpoint; keyword arguments are the fields of `TrainingSummary`
+    (`model_name`, `method`, `base_model`, `noise_settings`, `noise_statistics`, `datasets`, `evaluation_results`,
+    `training_hyperparameters`, `license`, `pipeline_tag`)."""
+    return TrainingSummary(**summary).to_model_card(repo_id=repo_id)
+
+
+def write_model_card(output_dir: str | os.PathLike, *, repo_id: str | None = None, **summary: Any) -> Path:
+    """Render the card (same arguments as `render_model_card`) and save it as `output_dir/README.md`."""
+    path = Path(output_dir) / "README.md"
+    render_model_card(repo_id=repo_id, **summary).save(path)
+    return path
