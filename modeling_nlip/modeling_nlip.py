@@ -6,6 +6,7 @@ checkpoint and users without the `nlip` package load it with `trust_remote_code=
 """
 
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_nlip import NLIPConfig
@@ -84,6 +86,12 @@ class NLIPPreTrainedModel(PreTrainedModel):
     # Auto classes besides the one given to `register_for_auto_class` that a saved checkpoint's `auto_map` names.
     _extra_auto_classes: tuple[str, ...] = ()
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """NLIP lives outside `transformers.` but initialises with `transformers.initialization` and ties nothing, so the
+        towers must keep their own init schemes (custom-code mode would skip CLIP's attention/MLP initialisation)."""
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus `auto_map` entries for `_extra_auto_classes` (remote code)."""
         if self._auto_class is not None and self._extra_auto_classes:
@@ -103,9 +111,18 @@ class NLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
-def build_tower(config) -> PreTrainedModel:
+def tower_init_kwargs(config, pooling: str = "pooler") -> dict:
+    """Constructor kwargs for a tower: drop its pooler (BERT, ViT, ...) when NLIP pools the hidden states itself,
+    so no parameter goes without gradient (which DDP and gradient checkpointing reject)."""
+    if pooling == "pooler":
+        return {}
+    model_class = _get_model_class(config, AutoModel._model_mapping)
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+
+
+def build_tower(config, pooling: str = "pooler") -> PreTrainedModel:
     """Instantiate a backbone from its config via the Auto classes (CLIP vision/text, ViT, SigLIP, BERT, ...)."""
-    return AutoModel.from_config(config)
+    return AutoModel.from_config(config, **tower_init_kwargs(config, pooling))
 
 
 class NLIPModel(NLIPPreTrainedModel):
@@ -123,8 +140,12 @@ class NLIPModel(NLIPPreTrainedModel):
         text_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.vision_model = vision_model if vision_model is not None else build_tower(config.vision_config)
-        self.text_model = text_model if text_model is not None else build_tower(config.text_config)
+        if vision_model is None:
+            vision_model = build_tower(config.vision_config, config.vision_pooling)
+        if text_model is None:
+            text_model = build_tower(config.text_config, config.text_pooling)
+        self.vision_model = vision_model
+        self.text_model = text_model
         # Share the sub-configs so that later config edits (attention implementation, ...) reach the towers.
         config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         config.text_config._attn_implementation = self.text_model.config._attn_implementation
@@ -241,8 +262,8 @@ class NLIPModel(NLIPPreTrainedModel):
         vision_kwargs = {k[len("vision_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
         text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
         kwargs.update(config_kwargs)
-        vision_model = _load_tower(vision_model_name_or_path, "vision_config", vision_kwargs)
-        text_model = _load_tower(text_model_name_or_path, "text_config", text_kwargs)
+        vision_model = _load_tower(vision_model_name_or_path, "vision_config", vision_kwargs, kwargs.get("vision_pooling", "pooler"))
+        text_model = _load_tower(text_model_name_or_path, "text_config", text_kwargs, kwargs.get("text_pooling", "pooler"))
         config = NLIPConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
         model = cls(config, vision_model=vision_model, text_model=text_model)
         logger.warning(
@@ -251,12 +272,12 @@ class NLIPModel(NLIPPreTrainedModel):
         return model
 
 
-def _load_tower(name_or_path: str, sub_config_name: str, kwargs: dict) -> PreTrainedModel:
+def _load_tower(name_or_path: str, sub_config_name: str, kwargs: dict, pooling: str) -> PreTrainedModel:
     """Load one pretrained tower; from a composite checkpoint (CLIP, SigLIP) take its `vision_config`/`text_config` part."""
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
     if hasattr(config, sub_config_name) and getattr(config, sub_config_name) is not None:
         config = getattr(config, sub_config_name)
-    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, config=config, **tower_init_kwargs(config, pooling), **kwargs)
 
 
 __all__ = ["NLIPOutput", "NLIPPreTrainedModel", "NLIPModel"]
