@@ -1,0 +1,131 @@
+"""ImageTextCollator: shapes, dtypes, caption choice, pass-through columns, skipping and strict mode."""
+
+import io
+
+import PIL.Image
+import pytest
+import torch
+from tiny import tiny_image_processor, tiny_tokenizer
+from torch.utils.data import DataLoader
+from transformers import CLIPProcessor
+
+from trainers.collator import ImageTextCollator
+from trainers.data import MISSING_IMAGE, UNDECODABLE_IMAGE, InvalidPairError
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
+def tiny_processor() -> CLIPProcessor:
+    return CLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture
+def processor():
+    return tiny_processor()
+
+
+def example(i, text="a photo of a cat", **extra):
+    return {"image": PIL.Image.new("RGB", (40, 30), (10 * i, 0, 0)), "text": text, "index": i, **extra}
+
+
+def test_shapes_dtypes_and_passthrough(processor):
+    examples = [
+        example(0, "a red car", is_noisy=True, synthetic_text="a small red car", concepts=["car"]),
+        example(7, "a dog", is_noisy=False, synthetic_text=None, concepts=["dog", "ball"]),
+        example(3, "a large black dog in the house", is_noisy=False, synthetic_text="", concepts=[]),
+    ]
+    batch = ImageTextCollator(processor, max_length=6)(examples)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (3, 6)  # truncated to max_length
+    assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0]  # [BOS] a dog [EOS] + padding
+    assert batch["index"].dtype == torch.long and batch["index"].tolist() == [0, 7, 3]
+    assert batch["is_noisy"].dtype == torch.bool and batch["is_noisy"].tolist() == [True, False, False]
+    tokenizer = processor.tokenizer
+    assert tokenizer.batch_decode(batch["synthetic_input_ids"], skip_special_tokens=True) == [
+        "a small red car",
+        "a dog",  # no synthetic caption yet: falls back to the example's own caption
+        "a large black dog",
+    ]
+    assert batch["synthetic_attention_mask"].shape == batch["synthetic_input_ids"].shape
+    assert batch["concepts"] == [["car"], ["dog", "ball"], []]
+
+
+def test_optional_columns_absent(processor):
+    batch = ImageTextCollator(processor)([example(0), example(1)])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "index"}
+
+
+def test_images_become_rgb_on_white(processor):
+    transparent = PIL.Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    grey = PIL.Image.new("L", (32, 32), 0)
+    batch = ImageTextCollator(processor)([example(0) | {"image": transparent}, example(1) | {"image": grey}])
+    white = (1.0 - CLIP_MEAN) / CLIP_STD
+    black = (0.0 - CLIP_MEAN) / CLIP_STD
+    torch.testing.assert_close(batch["pixel_values"][0, :, 5, 5], white, atol=1e-3, rtol=0)
+    torch.testing.assert_close(batch["pixel_values"][1, :, 5, 5], black, atol=1e-3, rtol=0)
+
+
+def test_caption_choice(processor):
+    captions = [f"a {word}" for word in ("cat", "dog", "bird", "car", "tree", "house")]
+    examples = [example(i, captions) for i in range(8)]
+    decode = processor.tokenizer.batch_decode
+
+    first = ImageTextCollator(processor, caption_choice="first")(examples)
+    assert decode(first["input_ids"], skip_special_tokens=True) == ["a cat"] * 8
+
+    picks = [
+        decode(ImageTextCollator(processor, seed=seed)(examples)["input_ids"], skip_special_tokens=True)
+        for seed in (0, 0, 1)
+    ]
+    assert picks[0] == picks[1]  # seeded: reproducible
+    assert picks[0] != picks[2]  # another seed draws differently
+    assert len(set(picks[0])) > 1 and set(picks[0]) <= set(captions)
+    # empty captions in a list are never picked
+    batch = ImageTextCollator(processor, seed=3)([example(i, ["", "a dog", " "]) for i in range(6)])
+    assert decode(batch["input_ids"], skip_special_tokens=True) == ["a dog"] * 6
+    with pytest.raises(ValueError, match="caption_choice must be 'random' or 'first', got 'last'"):
+        ImageTextCollator(processor, caption_choice="last")
+
+
+def test_random_captions_differ_across_workers_and_epochs(processor):
+    captions = [f"a {word}" for word in ("cat", "dog", "bird", "car", "tree", "house")]
+    examples = [example(i, captions) for i in range(16)]
+    collator = ImageTextCollator(processor, seed=0)
+
+    def epoch_picks():
+        loader = DataLoader(examples, batch_size=4, num_workers=2, collate_fn=collator)
+        return [processor.tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True) for b in loader]
+
+    torch.manual_seed(0)
+    first, second = epoch_picks(), epoch_picks()
+    assert first != second  # workers are re-forked each epoch, yet the picks change
+    assert first[0] != first[1]  # the two workers' first batches do not repeat each other
+    torch.manual_seed(0)
+    assert epoch_picks() == first  # reproducible under a fixed torch seed
+
+
+def test_skips_bad_examples_and_strict(processor):
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    truncated = {"bytes": buffer.getvalue()[:30], "path": "shard.tar/0001.png"}
+    encoded = {"bytes": buffer.getvalue(), "path": "shard.tar/0002.png"}
+    examples = [
+        example(0),
+        example(1) | {"image": truncated},
+        example(2) | {"image": None},
+        example(3) | {"image": encoded},
+    ]
+    collator = ImageTextCollator(processor)
+    batch = collator(examples)
+    assert batch["index"].tolist() == [0, 3]
+    assert collator.skip_report.reasons == {UNDECODABLE_IMAGE: 1, MISSING_IMAGE: 1}
+    assert collator.skip_report.examples[0][0] == "shard.tar/0001.png"
+    assert collator.skip_report.examples[1][0] == "index 2"
+
+    with pytest.raises(InvalidPairError, match=r"shard\.tar/0001\.png: undecodable image"):
+        ImageTextCollator(processor, strict=True)(examples)
+    with pytest.raises(InvalidPairError, match="Every example of a batch of 1 was invalid"):
+        ImageTextCollator(processor)([example(5, "")])
+    with pytest.raises(ValueError, match="no 'index' column"):
+        ImageTextCollator(processor)([{"image": PIL.Image.new("RGB", (8, 8)), "text": "a cat"}])

@@ -1,0 +1,115 @@
+"""Batch image-text examples into model inputs: RGB images, one caption per image, padded token ids, stable indices."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import get_worker_info
+
+from .data import EMPTY_CAPTION, InvalidPairError, SkipReport, decode_image, image_key, non_empty_captions, to_rgb
+
+
+@dataclass
+class ImageTextCollator:
+    """`DataLoader` collate function for `image`/`text`/`index` examples (see `trainers.data`).
+
+    Returns `pixel_values`, `input_ids`, `attention_mask` and `index` (LongTensor), plus, when the examples carry
+    them, `is_noisy` (BoolTensor), `synthetic_input_ids`/`synthetic_attention_mask` (from a `synthetic_text` column;
+    an example whose synthetic caption is None or empty gets its own caption instead) and `concepts` (list of lists of
+    str).
+
+    Images may be PIL images or undecoded `{"bytes", "path"}` dicts (streaming datasets); transparent images are
+    composited onto white. When `text` holds several captions, one non-empty caption is taken: the first, or a random
+    one. Random picks come from a generator seeded by `seed`; inside a DataLoader worker, by `seed` plus the worker's
+    torch seed, which differs per worker and epoch and is reproducible under `transformers.set_seed`. Examples with a
+    missing/undecodable image or no caption are skipped and counted in `skip_report` (per worker process when
+    `num_workers > 0`), or raise `InvalidPairError` naming the file with `strict=True`.
+
+    Args:
+        processor: called as `processor(images=..., text=..., padding=..., truncation=..., max_length=...,
+            return_tensors="pt")`, with a `.tokenizer` for the synthetic captions (`CLIPProcessor`, `NLIPProcessor`).
+        max_length: token limit (None: the tokenizer's `model_max_length`).
+    """
+
+    processor: Any
+    max_length: int | None = None
+    padding: bool | str = True
+    truncation: bool = True
+    caption_choice: Literal["random", "first"] = "random"
+    seed: int = 0
+    strict: bool = False
+    skip_report: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self) -> None:
+        if self.caption_choice not in ("random", "first"):
+            raise ValueError(f"caption_choice must be 'random' or 'first', got {self.caption_choice!r}.")
+        self._rng = random.Random(self.seed)
+        self._worker_seed: int | None = None
+
+    def _pick_caption(self, captions: list[str]) -> str:
+        if self.caption_choice == "first":
+            return captions[0]
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:  # a fresh worker: fork-copied generators repeat
+            self._worker_seed = worker.seed
+            self._rng = random.Random(self.seed + worker.seed)
+        return self._rng.choice(captions)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.processor.tokenizer(
+            texts, padding=self.padding, truncation=self.truncation, max_length=self.max_length, return_tensors="pt"
+        )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        images, texts, kept = [], [], []
+        for example in examples:
+            if "index" not in example:
+                raise ValueError(
+                    f"Example has no 'index' column (columns: {sorted(example)}); prepare the dataset with "
+                    "trainers.data.prepare_pairs or one of the trainers.data loaders."
+                )
+            key = example.get("key") or image_key(example.get("image"), fallback=f"index {example['index']}")
+            image, reason, detail = decode_image(example.get("image"))
+            captions = non_empty_captions(example.get("text"))
+            if reason is None and not captions:
+                reason, detail = EMPTY_CAPTION, f"caption {example.get('text')!r}"
+            if reason is not None:
+                if self.strict:
+                    raise InvalidPairError(f"Invalid image-text pair {key}: {reason} ({detail}).")
+                self.skip_report.add(key, reason, detail)
+                continue
+            images.append(to_rgb(image))
+            texts.append(self._pick_caption(captions))
+            kept.append(example)
+        if not kept:
+            raise InvalidPairError(f"Every example of a batch of {len(examples)} was invalid: {self.skip_report}.")
+
+        encoded = self.processor(
+            images=images,
+            text=texts,
+            padding=self.padding,
+            truncation=self.truncation,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch: dict[str, Any] = {
+            "pixel_values": encoded["pixel_values"],
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "index": torch.tensor([int(example["index"]) for example in kept], dtype=torch.long),
+        }
+        if "is_noisy" in kept[0]:
+            batch["is_noisy"] = torch.tensor([bool(example["is_noisy"]) for example in kept], dtype=torch.bool)
+        if "synthetic_text" in kept[0]:
+            synthetic = [
+                (non_empty_captions(ex["synthetic_text"]) or [text])[0] for ex, text in zip(kept, texts, strict=True)
+            ]
+            synthetic_encoded = self._tokenize(synthetic)
+            batch["synthetic_input_ids"] = synthetic_encoded["input_ids"]
+            batch["synthetic_attention_mask"] = synthetic_encoded["attention_mask"]
+        if "concepts" in kept[0]:
+            batch["concepts"] = [list(example["concepts"] or []) for example in kept]
+        return batch
