@@ -1,0 +1,108 @@
+"""Builders shared by the NLIPTrainer tests (and the DDP worker): tiny models, tiny image-text datasets, arguments."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+from tiny import BASE_WORDS, tiny_nlip_config, tiny_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+
+
+# From-scratch tiny CLIP towers start with nearly identical embeddings for every input; a larger initialisation breaks
+# that symmetry and lets them learn Fashion-MNIST in a few epochs.
+INITIALIZER_FACTOR = 4.0
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny models on 2 (shared) cores are many times faster without thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, tokenizer=None):
+    """A freshly initialised tiny `NLIPModel` (2-layer 32-dim CLIP towers, 16-dim joint space)."""
+    from modeling_nlip import NLIPModel
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_nlip_config(
+        tokenizer,
+        vision_config=tiny_vision_config(initializer_factor=INITIALIZER_FACTOR),
+        text_config=tiny_text_config(tokenizer, initializer_factor=INITIALIZER_FACTOR),
+    )
+    return NLIPModel(config)
+
+
+def training_args(output_dir, **overrides):
+    """`NLIPTrainingArguments` for fast CPU tests: no saving, logging or progress bars unless asked."""
+    from trainers.training_args import NLIPTrainingArguments
+
+    options = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=32,
+        learning_rate=1e-3,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="adamw_torch",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    options.update(overrides)
+    return NLIPTrainingArguments(**options)
+
+
+def synthetic_pairs(num_pairs: int, seed: int = 0, noisy_every: int = 4) -> datasets.Dataset:
+    """In-memory image-text pairs: random 32-px RGB images, captions from the tiny vocabulary, `index`, and every
+    `noisy_every`-th pair marked `is_noisy` (only bookkeeping: nothing about these pairs is learnable)."""
+    rng = np.random.default_rng(seed)
+    words = BASE_WORDS[20:]
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(num_pairs)]
+    texts = [f"a photo of a {words[i % len(words)]} {words[(3 * i + 1) % len(words)]}" for i in range(num_pairs)]
+    return datasets.Dataset.from_dict(
+        {
+            "image": images,
+            "text": texts,
+            "index": list(range(num_pairs)),
+            "is_noisy": [i % noisy_every == 0 for i in range(num_pairs)],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "text": datasets.Value("string"),
+                "index": datasets.Value("int64"),
+                "is_noisy": datasets.Value("bool"),
+            }
+        ),
+    )
+
+
+def noisy_fashion_mnist(num_pairs: int = 512, ratio: float = 0.4, seed: int = 0) -> datasets.DatasetDict:
+    """Fashion-MNIST subsets: `train` with `ratio` of its captions shuffled (`is_noisy` marks them), `test` clean."""
+    from trainers.noise_injection import inject_caption_noise
+    from trainers.real_datasets import load_fashion_mnist
+
+    data = load_fashion_mnist(max_samples_per_split=num_pairs)
+    return datasets.DatasetDict({"train": inject_caption_noise(data["train"], ratio, seed=seed), "test": data["test"]})
+
+
+def processor():
+    return tiny_processor(tiny_tokenizer())
+
+
+def noise_state_snapshot(noise_state) -> dict:
+    """The noise state as plain comparable values (tensors and JSON-like metadata)."""
+    tensors, metadata = noise_state.state_dict()
+    return {"tensors": {k: v.clone() for k, v in tensors.items()}, "metadata": metadata}
