@@ -1,0 +1,52 @@
+"""nlip training recipes: noise-robust losses, noise estimation, data, metrics, and `NLIPTrainer`."""
+
+from .collator import ImageTextCollator
+from .data import SkipReport, load_imagefolder_pairs, load_webdataset_pairs, prepare_pairs
+from .loss_bank import LossBank
+from .losses import (
+    NPCLossOutput,
+    contrastive_logits,
+    contrastive_loss,
+    nitc_loss,
+    npc_confidence,
+    npc_loss,
+    srcl_loss,
+    srcl_negative_weights,
+)
+from .memory_bank import MemoryBank, build_memory_bank
+from .metrics import captioning_metrics, noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
+from .noise_estimation import CleanProbabilityEstimator, NoiseEstimate
+from .noise_injection import inject_caption_noise, truncate_captions
+from .noise_state import NoiseState
+from .trainer import NLIPTrainer
+from .training_args import NLIPTrainingArguments
+
+__all__ = [
+    "CleanProbabilityEstimator",
+    "ImageTextCollator",
+    "LossBank",
+    "MemoryBank",
+    "NLIPTrainer",
+    "NLIPTrainingArguments",
+    "NPCLossOutput",
+    "NoiseEstimate",
+    "NoiseState",
+    "SkipReport",
+    "build_memory_bank",
+    "captioning_metrics",
+    "contrastive_logits",
+    "contrastive_loss",
+    "inject_caption_noise",
+    "load_imagefolder_pairs",
+    "load_webdataset_pairs",
+    "nitc_loss",
+    "noise_detection_metrics",
+    "npc_confidence",
+    "npc_loss",
+    "prepare_pairs",
+    "retrieval_metrics",
+    "srcl_loss",
+    "srcl_negative_weights",
+    "truncate_captions",
+    "zero_shot_accuracy",
+]
