@@ -38,7 +38,7 @@ def parity_inputs(processor: CLIPProcessor) -> dict:
     return processor(images=images, text=["a photo of a cat", "a diagram"], padding=True, return_tensors="pt")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
     clip = CLIPModel.from_pretrained(args.clip_model).eval()
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         if worst > args.tolerance:
             raise SystemExit(f"Conversion parity failed: max abs embedding difference {worst:.2e} > tolerance {args.tolerance:.0e}.")
     print(json.dumps(report, indent=2))
-    return report
+    # From the command line (console script, python -m) return None, so that `sys.exit(main())` exits with 0.
+    return report if argv is not None else None
 
 
 if __name__ == "__main__":

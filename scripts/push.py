@@ -113,7 +113,7 @@ def push_checkpoint(args: PushArguments) -> tuple[CommitInfo, str]:
     return commit, card_source
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser(PushArguments, prog="nlip-push", description=DESCRIPTION)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"repo_id": commit.repo_url.repo_id, "revision": args.revision or "main", "commit": commit.oid,
               "commit_url": commit.commit_url, "model_card": card_source}
     print(json.dumps(report, indent=2))
-    return report
+    # From the command line (console script, python -m) return None, so that `sys.exit(main())` exits with 0.
+    return report if argv is not None else None
 
 
 if __name__ == "__main__":
