@@ -1,0 +1,117 @@
+"""Smoke test of `bench/speed.py`: a `--quick` run produces a complete JSON summary of finite positive figures."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+
+# Every figure the benchmark reports, by section; all must be finite and > 0.
+FIGURES = {
+    "training": ["clip_samples_per_s", "nlip_samples_per_s", "ratio", "ratio_of_best_times"],
+    "zero_shot_inference": ["clip_images_per_s", "nlip_images_per_s", "ratio", "ratio_of_best_times"],
+    "captioning": [
+        "nlip_tokens_per_s",
+        "blip_tokens_per_s",
+        "ratio",
+        "nlip_no_cache_tokens_per_s",
+        "kv_cache_speedup",
+        "ratio_of_best_times",
+    ],
+    "flops": [
+        "matmul_flops_per_s",
+        "matmul_best_flops_per_s",
+        "training_step_flops",
+        "training_step_s",
+        "achieved_flops_per_s",
+        "fraction_of_peak",
+    ],
+}
+METHODS = ["nlip", "srcl", "srcl_reference", "npc", "nlip+srcl"]
+
+
+def load_speed_module():
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_positive_finite(value, where: str) -> None:
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} = {value!r} is not a number"
+    assert math.isfinite(value) and value > 0, f"{where} = {value!r} is not a positive finite number"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("speed") / "speed.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--threads", "1", "--repetitions", "2", "--no-progress", "--output", str(output)]
+        results = load_speed_module().main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return results, output
+
+
+def test_quick_run_reports_every_figure(quick_run):
+    results, _ = quick_run
+    sections = {"machine", "sizes", "timing", "training", "method_overhead", "zero_shot_inference", "captioning"}
+    assert sections | {"flops", "total_seconds", "command"} <= set(results)
+    for section, keys in FIGURES.items():
+        for key in keys:
+            assert_positive_finite(results[section].get(key), f"{section}.{key}")
+    overhead = results["method_overhead"]
+    assert overhead["measured_through"] == "NLIPTrainer.training_step"
+    assert sorted(overhead["ratio_vs_clip"]) == sorted(METHODS)
+    for method in METHODS:
+        assert_positive_finite(overhead["ratio_vs_clip"][method], f"method_overhead.ratio_vs_clip.{method}")
+        assert_positive_finite(overhead["median_step_s"][method], f"method_overhead.median_step_s.{method}")
+        assert_positive_finite(overhead["ratio_vs_clip_of_best_times"][method], f"ratio_of_best_times.{method}")
+        assert overhead["met"][method] == (overhead["ratio_vs_clip"][method] <= float(overhead["targets"][method][3:]))
+    assert_positive_finite(overhead["median_step_s"]["clip"], "method_overhead.median_step_s.clip")
+    assert_positive_finite(overhead["npc_memory_fetch_s"], "method_overhead.npc_memory_fetch_s")
+
+
+def test_ratios_are_ratios_of_the_reported_figures(quick_run):
+    results, _ = quick_run
+    training = results["training"]
+    assert training["ratio"] == pytest.approx(
+        training["nlip_samples_per_s"] / training["clip_samples_per_s"], rel=2e-3
+    )
+    assert training["met"] == (training["ratio"] >= 1.0)
+    captioning = results["captioning"]
+    assert captioning["ratio"] == pytest.approx(
+        captioning["nlip_tokens_per_s"] / captioning["blip_tokens_per_s"], rel=2e-3
+    )
+    sizes = results["sizes"]
+    assert captioning["new_tokens_per_call"] == sizes["caption_batch_size"] * sizes["max_new_tokens"]
+    flops = results["flops"]
+    assert flops["fraction_of_peak"] == pytest.approx(
+        flops["achieved_flops_per_s"] / flops["matmul_flops_per_s"], rel=2e-3
+    )
+
+
+def test_same_size_models_and_recorded_settings(quick_run):
+    results, output = quick_run
+    assert results["training"]["parameter_count"]["equal"] is True
+    assert results["training"]["parameter_count"]["clip"] == results["training"]["parameter_count"]["nlip"] > 0
+    assert results["machine"]["torch_num_threads"] == 1
+    assert results["preset"] == "quick" and results["timing"]["repetitions"] == 2
+    assert json.loads(output.read_text()) == results
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_bad_arguments_are_rejected(capsys):
+    speed = load_speed_module()
+    cases = ((["--threads", "0"], "--threads must be >= 1, got 0"), (["--warmup", "-1"], "--warmup must be >= 0"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            speed.parse_args(argv)
+        assert message in capsys.readouterr().err
