@@ -132,6 +132,8 @@ class NLIPModel(NLIPPreTrainedModel):
     """
 
     _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+    # Parts of an NLIPForPreTraining checkpoint that the dual encoder does not use.
+    _keys_to_ignore_on_load_unexpected = [r"^text_decoder\.", r"^enc_to_dec_proj\.", r"^ir_decoder\.", r"^concept_embeds$"]
 
     def __init__(
         self,

@@ -5,12 +5,16 @@
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
 
 from .configuration_nlip import NLIPConfig
 from .modeling_nlip import NLIPModel
+from .modeling_nlip_captioning import NLIPForCaptioning
+from .modeling_nlip_pretraining import NLIPForPreTraining
 from .processing_nlip import NLIPProcessor
 
 
@@ -20,8 +24,12 @@ def register_nlip() -> None:
     AutoConfig.register("nlip", NLIPConfig, exist_ok=True)
     AutoModel.register(NLIPConfig, NLIPModel, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(NLIPConfig, NLIPModel, exist_ok=True)
+    AutoModelForImageTextToText.register(NLIPConfig, NLIPForCaptioning, exist_ok=True)
+    AutoModelForPreTraining.register(NLIPConfig, NLIPForPreTraining, exist_ok=True)
     AutoProcessor.register(NLIPConfig, NLIPProcessor, exist_ok=True)
 
     NLIPConfig.register_for_auto_class()
     NLIPModel.register_for_auto_class("AutoModel")
+    NLIPForCaptioning.register_for_auto_class("AutoModelForImageTextToText")
+    NLIPForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     NLIPProcessor.register_for_auto_class("AutoProcessor")

@@ -73,3 +73,12 @@ def tiny_processor(tokenizer=None):
     from modeling_nlip import NLIPProcessor
 
     return NLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer or tiny_tokenizer())
+
+
+def tiny_decoder_config(tokenizer=None, **overrides) -> dict:
+    """A 2-layer, 32-dim BERT causal decoder with cross-attention, sized for `tokenizer` (default: `tiny_tokenizer()`)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = dict(model_type="bert", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+                  pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    return {**config, **overrides}
