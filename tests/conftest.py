@@ -6,3 +6,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+
+PROJECT_LOGGERS = ("nlip", "trainers", "scripts")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels():
+    """Scripts run in-process set the project's and transformers' log levels (as their CLIs should); restore them so
+    a later test's `caplog` sees the warnings it checks for."""
+    levels = {name: logging.getLogger(name).level for name in PROJECT_LOGGERS}
+    verbosity = transformers.logging.get_verbosity()
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    transformers.logging.set_verbosity(verbosity)

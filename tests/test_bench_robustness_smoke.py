@@ -107,6 +107,8 @@ def test_fashion_mnist_quick_run(tmp_path):
     margin = targets["beats_clip"]["margin_over_clip_by_ratio"]["0.4"]
     assert margin == pytest.approx(table[best]["0.4"] - table["clip"]["0.4"])
     assert targets["noise_detection"]["value"] == results["tables"]["noise_roc_auc"][best]["0.4"]
+    assert targets["noise_detection"]["ceiling"] == results["tables"]["noise_roc_auc_ceiling"][best]["0.4"]
+    assert targets["retention"]["clean_margin_over_clip"] == pytest.approx(table[best]["0.0"] - table["clip"]["0.0"])
     for name in ("retention", "beats_clip", "noise_detection"):
         assert isinstance(targets[name]["met"], bool)
 
@@ -129,22 +131,25 @@ def test_targets_from_tables():
         "srcl": {"0.0": 82.0, "0.4": 59.0, "0.6": 70.0},
     }
     roc = {"clip": {"0.0": None, "0.4": 0.9}, "nlip": {"0.0": None, "0.4": 0.96}, "srcl": {"0.0": None, "0.4": 0.8}}
-    targets = module.targets(figure, roc, "zero_shot_top1")
+    tables = {"zero_shot_top1": figure, "noise_roc_auc": roc}
+    targets = module.targets(tables, "zero_shot_top1")
     assert targets["best_method"] == "nlip"  # mean over 0.4 and 0.6: 74.5 > srcl's 64.5
     assert targets["retention"]["value"] == pytest.approx(74.0 / 80.0) and targets["retention"]["met"] is True
     assert targets["retention"]["retention_by_method"]["clip"] == pytest.approx(50.0 / 80.0)
+    assert targets["retention"]["clean_margin_over_clip"] == 0.0
     assert targets["beats_clip"]["margin_over_clip_by_ratio"] == {"0.4": 15.0, "0.6": 24.0}
     assert targets["beats_clip"]["met"] is True
     assert targets["noise_detection"]["value"] == 0.96 and targets["noise_detection"]["met"] is True
 
     figure["nlip"]["0.6"] = 50.0  # now srcl is best (mean 64.5 vs 62.5): retention 70/82, loses to clip at 0.4
-    targets = module.targets(figure, roc, "zero_shot_top1")
+    targets = module.targets(tables, "zero_shot_top1")
     assert targets["best_method"] == "srcl"
+    assert targets["retention"]["clean_margin_over_clip"] == 2.0
     assert targets["retention"]["met"] is False and targets["beats_clip"]["met"] is False
     assert targets["noise_detection"]["met"] is False
 
     del figure["srcl"]["0.6"], figure["nlip"]["0.6"], figure["clip"]["0.6"]
-    targets = module.targets(figure, None, "zero_shot_top1")
+    targets = module.targets({"zero_shot_top1": figure}, "zero_shot_top1")
     assert targets["retention"]["met"] is None and "not evaluated" in targets["retention"]["reason"]
     assert targets["noise_detection"]["met"] is None
 
