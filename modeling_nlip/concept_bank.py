@@ -189,6 +189,12 @@ class NLIPConceptBankMixin:
         vocabulary = self.config.concept_vocabulary
         return [[vocabulary[i] for i in row] for row in indices.tolist()], scores
 
+    def retrieved_prefix_rows(self, image_embeds: torch.Tensor) -> list[list[int]]:
+        """Concept prefix token ids of each image: its top `config.num_concepts` bank entries, in rank order."""
+        indices, _ = self._top_concepts(image_embeds, self.config.num_concepts)
+        token_ids = self.config.concept_token_ids
+        return concept_prefix_rows([[token_ids[i] for i in row] for row in indices.tolist()], self.config.concept_max_length)
+
     def concept_token_ids_for(self, concepts: Sequence[Sequence[str]]) -> list[list[list[int]]]:
         """Token ids of named concepts, looked up in the bank's vocabulary (no tokenizer needed)."""
         vocabulary, token_ids = self.config.concept_vocabulary, self.config.concept_token_ids

@@ -130,6 +130,27 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         vision_width, decoder_width = config.vision_config.hidden_size, config.decoder_config.hidden_size
         self.enc_to_dec_proj = nn.Linear(vision_width, decoder_width) if vision_width != decoder_width else None
 
+    def _special_token_id(self, name: str) -> int | None:
+        value = getattr(getattr(self, "generation_config", None), name, None)  # NLIPForPreTraining does not generate
+        if value is None:
+            value = getattr(self.config.decoder_config, name, None)
+        return value[0] if isinstance(value, (list, tuple)) else value
+
+    def concept_prefix(
+        self, concepts: Sequence[Sequence[str]] | None = None, token_ids: Sequence[Sequence[Sequence[int]]] | None = None
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """
+        Left-padded `(concept_input_ids, concept_attention_mask)` for `forward`/`generate`: from concept names in the
+        bank's vocabulary, or from per-concept `token_ids` (`tokenize_concepts(tokenizer, names, separator)` each).
+        At most `config.concept_max_length` tokens per example.
+        """
+        if (concepts is None) == (token_ids is None):
+            raise ValueError("Pass exactly one of `concepts` (names) or `token_ids`.")
+        if token_ids is None:
+            token_ids = self.concept_token_ids_for(concepts)
+        rows = concept_prefix_rows(token_ids, self.config.concept_max_length)
+        return left_pad(rows, self._special_token_id("pad_token_id") or 0, device=self.device)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Matched per module: transformers skips custom-code modules without direct parameters (e.g. this model).
@@ -328,27 +349,6 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
             vision_model_output=vision_outputs,
         )
 
-    def _special_token_id(self, name: str) -> int | None:
-        value = getattr(self.generation_config, name, None)
-        if value is None:
-            value = getattr(self.config.decoder_config, name, None)
-        return value[0] if isinstance(value, (list, tuple)) else value
-
-    def concept_prefix(
-        self, concepts: Sequence[Sequence[str]] | None = None, token_ids: Sequence[Sequence[Sequence[int]]] | None = None
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """
-        Left-padded `(concept_input_ids, concept_attention_mask)` for `forward`/`generate`: from concept names in the
-        bank's vocabulary, or from per-concept `token_ids` (`tokenize_concepts(tokenizer, names, separator)` each).
-        At most `config.concept_max_length` tokens per example.
-        """
-        if (concepts is None) == (token_ids is None):
-            raise ValueError("Pass exactly one of `concepts` (names) or `token_ids`.")
-        if token_ids is None:
-            token_ids = self.concept_token_ids_for(concepts)
-        rows = concept_prefix_rows(token_ids, self.config.concept_max_length)
-        return left_pad(rows, self._special_token_id("pad_token_id") or 0, device=self.device)
-
     def _prefix_rows(self, batch_size, concepts, concept_input_ids, concept_attention_mask, image_embeds):
         """Concept prefix of each example: given ids, given names, retrieved from the bank, or none."""
         if concept_input_ids is not None:
@@ -364,10 +364,7 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
                 raise ValueError(f"`concepts` must hold one list of concept names per image ({batch_size}).")
             return concept_prefix_rows(self.concept_token_ids_for(concepts), self.config.concept_max_length)
         if self.has_concept_bank and self.config.num_concepts > 0:
-            indices, _ = self._top_concepts(image_embeds, self.config.num_concepts)
-            vocabulary = self.config.concept_vocabulary
-            retrieved = [[vocabulary[i] for i in row] for row in indices.tolist()]
-            return concept_prefix_rows(self.concept_token_ids_for(retrieved), self.config.concept_max_length)
+            return self.retrieved_prefix_rows(image_embeds)
         return [[] for _ in range(batch_size)]
 
     def _prompt_rows(self, batch_size, input_ids, attention_mask) -> list[list[int]]:

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEForPreTraining
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .concept_bank import left_pad
 from .configuration_nlip import NLIPConfig
 from .modeling_nlip import NLIPModel, build_tower, pool_tower_output
 from .modeling_nlip_captioning import IGNORE_INDEX, NLIPCaptioningPreTrainedModel, NLIPForCaptioning
@@ -249,6 +250,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         labels: torch.LongTensor | None = None,
         concept_input_ids: torch.LongTensor | None = None,
         concept_attention_mask: torch.Tensor | None = None,
+        retrieve_concepts: bool = False,
         synthetic_input_ids: torch.LongTensor | None = None,
         synthetic_attention_mask: torch.Tensor | None = None,
         sample_weights: torch.Tensor | None = None,
@@ -267,6 +269,10 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
             `labels` = those ids with `-100` on padding.
         concept_input_ids / concept_attention_mask (*optional*):
             Concept prefix of each image for the decoder (excluded from the LM loss).
+        retrieve_concepts (`bool`, *optional*, defaults to `False`):
+            Without `concept_input_ids`, prefix each caption with its image's top `config.num_concepts` concepts from
+            the concept bank (retrieved with the detached image embedding), as `generate` does: the captioner learns
+            to read the prefix it will see when captioning. No effect without a bank.
         synthetic_input_ids / synthetic_attention_mask (*optional*):
             Synthetic captions (noise completion), embedded by the text tower as a second positive per image.
         contrastive_loss_fn (*optional*):
@@ -322,6 +328,11 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
                 labels = decoder_input_ids
                 if decoder_attention_mask is not None:
                     labels = labels.masked_fill(decoder_attention_mask == 0, IGNORE_INDEX)
+            if retrieve_concepts and concept_input_ids is None and self.has_concept_bank and self.config.num_concepts > 0:
+                rows = self.retrieved_prefix_rows(image_embeds.detach())
+                concept_input_ids, concept_attention_mask = left_pad(
+                    rows, self._special_token_id("pad_token_id") or 0, device=image_embeds.device
+                )
             decoder_outputs, lm_loss, lm_per_sample_loss = self._decode(
                 self.image_hidden_states(vision_outputs.last_hidden_state),
                 decoder_input_ids,

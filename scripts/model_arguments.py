@@ -125,9 +125,10 @@ class ModelArguments:
     concept_vocabulary: str = field(
         default="mined",
         metadata={
-            "help": "Concept bank built after training an NLIPForPreTraining (the captioner's retrieved concepts): "
-            "'mined' (the most frequent content words of the training captions), 'default' (the shipped COCO + "
-            "common-objects list), 'none', or the path of a text file with one concept per line."
+            "help": "Concept bank of an NLIPForPreTraining, built before training and re-embedded every epoch; the "
+            "captioner is trained on, and captions with, the top concepts it retrieves for each image: 'mined' (the "
+            "most frequent content words of the training captions), 'default' (the shipped COCO + common-objects "
+            "list), 'none', or the path of a text file with one concept per line."
         },
     )
     max_concepts: int = field(

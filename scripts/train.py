@@ -126,20 +126,17 @@ def eval_metrics_fn(trainer: NLIPTrainer, processor, data: ImageTextData) -> Eva
     return EvalMetrics(trainer, processor, labels, data.class_names, data.templates)
 
 
-def add_concept_bank(trainer: NLIPTrainer, model_args: ModelArguments, data: ImageTextData, processor) -> int:
-    """Build the concept bank of a trained NLIPForPreTraining from the chosen vocabulary (for concept retrieval; the
-    saved config generates captions without a concept prefix, see below); returns its size."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+def add_concept_bank(model, model_args: ModelArguments, data: ImageTextData, processor, show_progress: bool) -> int:
+    """Give an NLIPForPreTraining its concept bank from the chosen vocabulary before training: `NLIPTrainer` trains the
+    captioner on the concepts it retrieves from the bank (re-embedded every epoch), as it will caption. Returns its
+    size (0: no bank, the captioner is trained and generates without a concept prefix)."""
     if not hasattr(model, "build_concept_bank"):
         return 0
     limit = TOKENIZER_STREAM_CAPTIONS if isinstance(data.train, datasets.IterableDataset) else None
     vocabulary = concept_vocabulary(model_args.concept_vocabulary, iter_captions(data.train, limit), model_args.max_concepts)
     if vocabulary is None:
         return 0
-    model.build_concept_bank(vocabulary, processor, show_progress=not trainer.args.disable_tqdm)
-    # NLIPTrainer trains the decoder on captions without a concept prefix, and a prefix it never saw derails generation:
-    # the bank serves concept retrieval, and captions are generated unconditioned until the decoder learns prefixes.
-    model.config.num_concepts = 0
+    model.build_concept_bank(vocabulary, processor, show_progress=show_progress)
     return len(vocabulary)
 
 
@@ -163,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     data = load_pairs(data_args, noise_split="train")
     model, processor = build_model(model_args, data_args, data)
+    num_concepts = add_concept_bank(model, model_args, data, processor, show_progress=not training_args.disable_tqdm)
     collator = ImageTextCollator(processor, max_length=processor.tokenizer.model_max_length, seed=training_args.seed)
     trainer = NLIPTrainer(
         model=model,
@@ -176,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         trainer.compute_metrics = eval_metrics_fn(trainer, processor, data)
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    num_concepts = add_concept_bank(trainer, model_args, data, processor)
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():

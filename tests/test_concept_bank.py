@@ -205,3 +205,26 @@ def test_mine_concepts_counts_captions_not_occurrences():
 def test_mine_concepts_errors(captions, kwargs, error, message):
     with pytest.raises(error, match=message):
         mine_concepts(captions, **kwargs)
+
+
+def test_pretraining_forward_retrieves_the_prefix_it_will_caption_with(pretraining, tokenizer):
+    """`retrieve_concepts=True` prefixes each caption with the image's top bank concepts: the same logits and LM loss
+    as passing that prefix explicitly; without the flag (or a bank) there is no prefix."""
+    torch.manual_seed(2)
+    pixel_values = torch.randn(3, 3, 32, 32)
+    batch = tokenizer(["a photo of a cat", "a dog", "a red car"], padding=True, return_tensors="pt")
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values)
+    with torch.no_grad():
+        retrieved = pretraining(**inputs, retrieve_concepts=True)
+        names, _ = pretraining.retrieve_concepts(pixel_values)
+        prefix_ids, prefix_mask = pretraining.concept_prefix(concepts=names)
+        explicit = pretraining(**inputs, concept_input_ids=prefix_ids, concept_attention_mask=prefix_mask)
+        plain = pretraining(**inputs)
+    assert prefix_ids.shape[1] > 0
+    assert retrieved.lm_logits.shape[1] == batch["input_ids"].shape[1] + prefix_ids.shape[1]
+    torch.testing.assert_close(retrieved.lm_logits, explicit.lm_logits)
+    torch.testing.assert_close(retrieved.lm_loss, explicit.lm_loss)
+    assert plain.lm_logits.shape[1] == batch["input_ids"].shape[1]
+    without_bank = NLIPForPreTraining(tiny_nlip_config(tokenizer, decoder_config=tiny_decoder_config(tokenizer))).eval()
+    with torch.no_grad():
+        assert without_bank(**inputs, retrieve_concepts=True).lm_logits.shape[1] == batch["input_ids"].shape[1]

@@ -427,3 +427,56 @@ def test_model_card_and_training_summary(tmp_path):
     readme = (tmp_path / "tiny-run" / "README.md").read_text()
     assert "Method: `nlip+srcl`." in readme and "| Noise-detection ROC-AUC vs. ground truth |" in readme
     assert {"modeling_nlip.py", "configuration_nlip.py"} <= {p.name for p in (tmp_path / "tiny-run").iterdir()}
+
+
+def test_evaluation_scores_the_first_of_several_captions(tmp_path):
+    """Training batches pick a random caption of a multi-caption example; evaluation batches always take the first,
+    so eval metrics do not change from one evaluation to the next."""
+    pairs = synthetic_pairs(8)
+    multi = pairs.map(lambda row: {"text": [row["text"], "a different caption"]})
+    trainer = _trainer(tmp_path, multi, "clip", per_device_eval_batch_size=8, seed=3)
+    tokenizer = trainer.processing_class.tokenizer
+    first = tokenizer(list(pairs["text"]), padding=True, return_tensors="pt")["input_ids"]
+    for _ in range(2):
+        batch = next(iter(trainer.get_eval_dataloader(multi)))
+        assert torch.equal(batch["input_ids"], first)
+    pad = tokenizer.pad_token_id
+    training_rows = {tuple(t for t in row if t != pad) for _ in range(3)
+                     for row in next(iter(trainer.get_train_dataloader()))["input_ids"].tolist()}
+    first_rows = {tuple(t for t in row if t != pad) for row in first.tolist()}
+    assert training_rows - first_rows  # the training collator still draws the second captions too
+    assert trainer.data_collator.caption_choice == "random"
+
+
+def test_pretraining_trains_the_captioner_on_retrieved_concepts(tmp_path):
+    """With a concept bank, every training step prefixes the captions with retrieved concepts, and the bank is
+    re-embedded with the current text tower at each epoch start and at the end (so it matches the saved weights)."""
+    model = _pretraining_model()
+    model.build_concept_bank(["photo", "red", "blue", "car"], processor(), show_progress=False)
+    args = training_args(tmp_path, method="clip", per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2)
+    trainer = NLIPTrainer(model=model, args=args, train_dataset=synthetic_pairs(16), processing_class=processor())
+    prefix_lengths, banks = [], []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        outputs = forward(*args, **kwargs)
+        prefix_lengths.append(outputs.lm_logits.shape[1] - kwargs["input_ids"].shape[1])
+        return outputs
+
+    model.forward = spy
+    refresh = trainer.refresh_concept_bank
+
+    def record():
+        refresh()
+        banks.append(model.concept_embeds.clone())
+
+    trainer.refresh_concept_bank = record
+    trainer.train()
+    assert len(prefix_lengths) == 4 and all(length > 0 for length in prefix_lengths)
+    assert len(banks) == 3  # epochs 0 and 1, and the end of training
+    assert not torch.allclose(banks[0], banks[-1])  # the text tower moved
+    model.forward = forward
+    with torch.no_grad():
+        prompts = processor().tokenizer([f"a photo of a {c}" for c in model.concept_vocabulary], padding=True, return_tensors="pt")
+        expected = torch.nn.functional.normalize(model.eval().get_text_features(**prompts).pooler_output, dim=-1)
+    torch.testing.assert_close(model.concept_embeds, expected, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,7 @@
 """`NLIPTrainer`'s epoch- and step-level schedule, as `TrainerCallback`s holding a reference to the trainer.
 
-At the start of each epoch, in this order: the noise GMM is (re)fit (`NoiseEstimationCallback`, after
+At the start of each epoch, in this order: the concept bank is re-embedded (`ConceptBankCallback`, pre-training with a
+concept bank); the noise GMM is (re)fit (`NoiseEstimationCallback`, after
 `noise_warmup_epochs`, every `gmm_refit_epochs`; in `pass` mode after an extra no-grad pass) and the noise statistics
 are logged; NPC's memory bank is rebuilt (`MemoryBankCallback`); the synthetic captions are regenerated
 (`CompletionCallback`). Each action records the epoch it ran for in the noise state, so a run resumed in the middle of
@@ -79,6 +80,20 @@ class CompletionCallback(_TrainerCallback):
         last = self.trainer.noise_state.completion_epoch
         if is_due(epoch, last, args.noise_warmup_epochs, args.completion_refresh_epochs):
             self.trainer.refresh_synthetic_captions(epoch)
+
+
+class ConceptBankCallback(_TrainerCallback):
+    """Re-embeds the concept bank with the current text tower at the start of every epoch and at the end of training,
+    so the concepts the captioner is trained and saved with are retrieved in the model's current embedding space. It
+    runs before `NoiseEstimationCallback` marks the epoch prepared: a run resumed mid-epoch keeps the checkpoint's
+    bank (part of its weights)."""
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.trainer.noise_state.prepared_epoch < epoch_index(state):
+            self.trainer.refresh_concept_bank()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.trainer.refresh_concept_bank()
 
 
 class SRCLScheduleCallback(_TrainerCallback):

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
@@ -39,7 +39,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, Trainer
 from transformers.dynamic_module_utils import custom_object_save
 
-from .callbacks import CompletionCallback, MemoryBankCallback, NoiseEstimationCallback, SRCLScheduleCallback
+from .callbacks import (
+    CompletionCallback,
+    ConceptBankCallback,
+    MemoryBankCallback,
+    NoiseEstimationCallback,
+    SRCLScheduleCallback,
+)
 from .collator import ImageTextCollator
 from .completion import generate_synthetic_captions, load_captioner, load_captioner_processor
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
@@ -150,6 +156,11 @@ class NLIPTrainer(Trainer):
         # A private copy of the collator for state passes and memory entries: they must not advance the random
         # caption choice of the training batches.
         self._state_collator = copy.deepcopy(data_collator)
+        # Evaluation is deterministic: an example with several captions is scored on its first one.
+        self._eval_collator = (
+            replace(data_collator, caption_choice="first", skip_report=data_collator.skip_report)
+            if isinstance(data_collator, ImageTextCollator) else data_collator
+        )
         self._row_of_index, self._is_noisy, self.noise_state = self._index_dataset(train_dataset)
         self.reference_model = self._setup_reference_model(reference_model)
         self.captioner = self._setup_captioner(captioner)
@@ -158,6 +169,8 @@ class NLIPTrainer(Trainer):
         self.srcl_alpha = args.srcl_alpha_start
         self._step_metrics: dict[str, list[torch.Tensor]] = {}
         self._pass_cache: tuple[tuple[int, int], TrainSetPass] | None = None
+        if self._pretraining and self.accelerator.unwrap_model(self.model).has_concept_bank:
+            self.add_callback(ConceptBankCallback(self))
         self.add_callback(NoiseEstimationCallback(self))
         if "npc" in self.methods:
             self.add_callback(MemoryBankCallback(self))
@@ -299,6 +312,7 @@ class NLIPTrainer(Trainer):
             pixel_values=inputs["pixel_values"],
             attention_mask=inputs["attention_mask"],
             contrastive_loss_fn=contrastive_loss_fn,
+            retrieve_concepts=True,
             **extra,
         )
         for name in ("lm_loss", "ir_loss"):
@@ -554,6 +568,11 @@ class NLIPTrainer(Trainer):
             return inputs["synthetic_input_ids"], inputs["synthetic_attention_mask"]
         return None
 
+    def refresh_concept_bank(self) -> None:
+        """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.build_concept_bank(model.concept_vocabulary, self.processing_class, show_progress=False)
+
     def refresh_synthetic_captions(self, epoch: int) -> None:
         """Generate a synthetic caption for every training image with the captioner and store it by index."""
         with self._forked_rng():
@@ -678,6 +697,23 @@ class NLIPTrainer(Trainer):
         return stats
 
     # ------------------------------------------------------------------------------------------------ evaluation
+
+    @contextlib.contextmanager
+    def _evaluation_collator(self) -> Iterator[None]:
+        """Build evaluation dataloaders with the first-caption collator (see `__init__`)."""
+        training_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            yield
+        finally:
+            self.data_collator = training_collator
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
 
     def prediction_step(
         self,
