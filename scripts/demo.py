@@ -25,9 +25,9 @@ from trainers.real_datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo", help="Where checkpoints, the plot and the summary go.")
-    parser.add_argument("--train_samples", type=int, default=4000, help="Fashion-MNIST training pairs used.")
+    parser.add_argument("--train_samples", type=int, default=8000, help="Fashion-MNIST training pairs used.")
     parser.add_argument("--eval_samples", type=int, default=1000, help="Clean test images for zero-shot accuracy.")
-    parser.add_argument("--epochs", type=int, default=5, help="Training epochs of each run (the first is warm-up).")
+    parser.add_argument("--epochs", type=int, default=8, help="Training epochs of each run (the first is warm-up).")
     parser.add_argument("--noise_ratio", type=float, default=0.4, help="Fraction of training captions shuffled.")
     parser.add_argument("--model_size", default="tiny", help="nlip-train size preset (tiny: 2-layer 32-dim towers).")
     parser.add_argument("--num_captions", type=int, default=6, help="Test images captioned at the end.")
