@@ -10,12 +10,14 @@ next to it). Figures:
 3. zero-shot inference images/s (`get_image_features`) of `NLIPModel` vs `CLIPModel`;
 4. captioning tokens/s of `NLIPForCaptioning.generate` vs `BlipForConditionalGeneration.generate`, and with vs without
    KV cache;
-5. achieved FLOP/s of a training step as a fraction of this machine's fp32 matmul throughput.
+5. achieved FLOP/s of a training step as a fraction of this device's matmul throughput (in the timed precision).
 
-Models are randomly initialised (speed does not depend on the weights). Prints a JSON summary, writes it to `--output`
-and a bar plot of the ratios next to it (`.png`).
+Models are randomly initialised (speed does not depend on the weights). Everything runs on `--device` (CPU by default,
+or a CUDA GPU), in float32 or, with `--bf16`, with forward and loss under bfloat16 autocast. Prints a JSON summary,
+writes it to `--output` and a bar plot of the ratios next to it (`.png`).
 
-    python bench/speed.py [--quick] [--output bench/results/speed.json] [--threads N] [--repetitions R] [--warmup W]
+    python bench/speed.py [--quick] [--output bench/results/speed.json] [--device cpu|cuda] [--bf16] [--threads N]
+                          [--repetitions R] [--warmup W]
 """
 
 from __future__ import annotations
@@ -96,6 +98,34 @@ QUICK_SIZES = BenchSizes(
 
 
 @dataclass(frozen=True)
+class Execution:
+    """Where and in which precision the timed steps run: `device` ("cpu" or "cuda"), and with `bf16` their forward
+    and loss under bfloat16 autocast (parameters, gradients and optimizer states stay float32)."""
+
+    device: str = "cpu"
+    bf16: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16 autocast" if self.bf16 else "float32"
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued kernels, so that the clock measures the work and not its launch."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
 class Timing:
     """How each comparison is timed: `warmup` untimed rounds, then `repetitions` interleaved timed rounds."""
 
@@ -125,7 +155,9 @@ class Comparison:
         return self.best(name) / self.best(baseline)
 
 
-def compare(candidates: dict[str, Callable[[], object]], timing: Timing, desc: str) -> Comparison:
+def compare(
+    candidates: dict[str, Callable[[], object]], timing: Timing, execution: Execution, desc: str
+) -> Comparison:
     """Time the candidates in interleaved rounds, the order reversed every other round, after warm-up rounds."""
     names = list(candidates)
     for _ in range(timing.warmup):
@@ -134,8 +166,10 @@ def compare(candidates: dict[str, Callable[[], object]], timing: Timing, desc: s
     times = {name: [] for name in names}
     for repetition in tqdm(range(timing.repetitions), desc=desc, disable=not timing.progress):
         for name in names if repetition % 2 == 0 else reversed(names):
+            execution.synchronize()
             start = time.perf_counter()
             candidates[name]()
+            execution.synchronize()
             times[name].append(time.perf_counter() - start)
     return Comparison(times)
 
@@ -228,15 +262,22 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None
 # ------------------------------------------------------------------------------------- 1. training vs CLIPModel
 
 
-def bench_training(sizes: BenchSizes, timing: Timing, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def bench_training(
+    sizes: BenchSizes, timing: Timing, execution: Execution, batch: dict[str, torch.Tensor]
+) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    models = {"clip": build_clip(sizes), "nlip": build_nlip(sizes)}
+    models = {"clip": build_clip(sizes).to(execution.device), "nlip": build_nlip(sizes).to(execution.device)}
     optimizers = {name: make_optimizer(model) for name, model in models.items()}
 
     def step(name: str) -> Callable[[], None]:
-        return lambda: optimizer_step(optimizers[name], models[name](**batch, return_loss=True).loss)
+        def run() -> None:
+            with execution.autocast():
+                loss = models[name](**batch, return_loss=True).loss
+            optimizer_step(optimizers[name], loss)
 
-    timed = compare({name: step(name) for name in models}, timing, "1/5 training NLIP vs CLIP")
+        return run
+
+    timed = compare({name: step(name) for name in models}, timing, execution, "1/5 training NLIP vs CLIP")
     ratio = timed.slowdown("clip", "nlip")  # samples/s ratio NLIP / CLIP = time ratio CLIP / NLIP
     parameters = {name: num_parameters(model) for name, model in models.items()}
     result = {
@@ -282,10 +323,13 @@ class TrainerSteps:
 
     The train set is a pool of `3 x B` random pairs; the batch is pairs `0..B-1`. Methods that use noise probabilities
     get a GMM fitted on bimodal random losses; NPC's memory bank gives the batch `2 x B` distinct clean neighbours, as
-    in a large dataset where neighbours seldom coincide.
+    in a large dataset where neighbours seldom coincide. As in `Trainer.train()`, each model and optimizer go through
+    `accelerator.prepare`, which puts the model's forward under the mixed-precision autocast (`--bf16`).
     """
 
-    def __init__(self, model: NLIPModel, sizes: BenchSizes, generator: torch.Generator, workdir: Path):
+    def __init__(
+        self, model: NLIPModel, sizes: BenchSizes, execution: Execution, generator: torch.Generator, workdir: Path
+    ):
         batch_size, pool_size = sizes.batch_size, 3 * sizes.batch_size
         pool = random_pairs(sizes, pool_size, generator)
         features = datasets.Features(
@@ -298,7 +342,7 @@ class TrainerSteps:
         )
         columns = {"index": list(range(pool_size)), **{key: value.numpy() for key, value in pool.items()}}
         self.dataset = datasets.Dataset.from_dict(columns, features=features).with_format("torch")
-        self.batch = stack_collator([self.dataset[i] for i in range(batch_size)])
+        self.batch = execution.to_device(stack_collator([self.dataset[i] for i in range(batch_size)]))
         noisy = torch.rand(pool_size, generator=generator) < 0.3
         self.losses = torch.where(noisy, 3.0, 1.0) + 0.1 * torch.randn(pool_size, generator=generator)
         self.memory_bank = MemoryBank(
@@ -309,9 +353,13 @@ class TrainerSteps:
         )
         reference_dir = workdir / "reference"
         model.save_pretrained(reference_dir)
-        self.trainers = {name: self._trainer(name, model, self.dataset, workdir, reference_dir) for name in METHODS}
+        self.trainers = {
+            name: self._trainer(name, model, self.dataset, execution, workdir, reference_dir) for name in METHODS
+        }
 
-    def _trainer(self, name: str, model: NLIPModel, dataset, workdir: Path, reference_dir: Path):
+    def _trainer(
+        self, name: str, model: NLIPModel, dataset, execution: Execution, workdir: Path, reference_dir: Path
+    ):
         reference = {}
         if name == "srcl_reference":
             reference = dict(srcl_reference_model=str(reference_dir), srcl_alpha_start=0.5, srcl_alpha_end=0.5)
@@ -324,7 +372,8 @@ class TrainerSteps:
             adam_beta2=0.98,
             adam_epsilon=1e-6,
             max_grad_norm=0.0,
-            use_cpu=True,
+            use_cpu=execution.device == "cpu",
+            bf16=execution.bf16,
             report_to=[],
             disable_tqdm=True,
             dataloader_pin_memory=False,
@@ -333,6 +382,7 @@ class TrainerSteps:
         model = copy.deepcopy(model)
         trainer = NLIPTrainer(model=model, args=args, data_collator=stack_collator, train_dataset=dataset)
         trainer.create_optimizer()
+        trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
         trainer.noise_state.record(torch.arange(len(self.losses)), self.losses, step=0)
         if "nlip" in trainer.methods:
@@ -353,17 +403,19 @@ class TrainerSteps:
     def step(self, trainer) -> None:
         """What the Trainer's loop does per batch without gradient accumulation or clipping: `training_step` (forward
         and backward), optimizer step, zero grad."""
-        trainer.training_step(trainer.model, dict(self.batch))
+        trainer.training_step(trainer.model_wrapped, dict(self.batch))
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.state.global_step += 1
 
 
-def bench_methods(model: NLIPModel, sizes: BenchSizes, timing: Timing, generator: torch.Generator) -> dict:
+def bench_methods(
+    model: NLIPModel, sizes: BenchSizes, timing: Timing, execution: Execution, generator: torch.Generator
+) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        methods = TrainerSteps(model, sizes, generator, Path(workdir))
+        methods = TrainerSteps(model, sizes, execution, generator, Path(workdir))
         candidates = {**methods.steps(), "npc_memory_fetch": methods.fetch_memory_entries}
-        timed = compare(candidates, timing, "2/5 method overhead")
+        timed = compare(candidates, timing, execution, "2/5 method overhead")
         optimizer = methods.trainers["clip"].optimizer
         optimizer = type(getattr(optimizer, "optimizer", optimizer)).__name__
     ratios = {name: timed.slowdown(name, "clip") for name in METHODS if name != "clip"}
@@ -386,19 +438,22 @@ def bench_methods(model: NLIPModel, sizes: BenchSizes, timing: Timing, generator
 # ------------------------------------------------------------------------------- 3. zero-shot image features
 
 
-def bench_inference(models: dict[str, torch.nn.Module], sizes: BenchSizes, timing: Timing, batch: dict) -> dict:
+def bench_inference(
+    models: dict[str, torch.nn.Module], sizes: BenchSizes, timing: Timing, execution: Execution, batch: dict
+) -> dict:
     pixel_values = batch["pixel_values"]
 
     def features(model) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), execution.autocast():
                 model.get_image_features(pixel_values=pixel_values)
 
         return run
 
     for model in models.values():
         model.eval()
-    timed = compare({name: features(model) for name, model in models.items()}, timing, "3/5 zero-shot images")
+    candidates = {name: features(model) for name, model in models.items()}
+    timed = compare(candidates, timing, execution, "3/5 zero-shot images")
     return {
         "what": "images/s of get_image_features (eval, inference_mode), NLIPModel / CLIPModel",
         "batch_size": len(pixel_values),
@@ -428,7 +483,7 @@ def decoder_config(sizes: BenchSizes) -> dict:
     )
 
 
-def build_captioners(sizes: BenchSizes) -> dict[str, torch.nn.Module]:
+def build_captioners(sizes: BenchSizes, device: str) -> dict[str, torch.nn.Module]:
     """`NLIPForCaptioning` and `BlipForConditionalGeneration` with the same vision tower and decoder sizes."""
     nlip_config = NLIPConfig(
         vision_config={"model_type": "clip_vision_model", **vision_config(sizes)},
@@ -444,12 +499,14 @@ def build_captioners(sizes: BenchSizes) -> dict[str, torch.nn.Module]:
         projection_dim=sizes.projection_dim,
     )
     torch.manual_seed(0)
-    return {"nlip": NLIPForCaptioning(nlip_config).eval(), "blip": BlipForConditionalGeneration(blip_config).eval()}
+    captioners = {"nlip": NLIPForCaptioning(nlip_config), "blip": BlipForConditionalGeneration(blip_config)}
+    return {name: model.to(device).eval() for name, model in captioners.items()}
 
 
-def bench_captioning(sizes: BenchSizes, timing: Timing, generator: torch.Generator) -> dict:
-    captioners = build_captioners(sizes)
-    pixel_values = torch.randn(sizes.caption_batch_size, 3, sizes.image_size, sizes.image_size, generator=generator)
+def bench_captioning(sizes: BenchSizes, timing: Timing, execution: Execution, generator: torch.Generator) -> dict:
+    captioners = build_captioners(sizes, execution.device)
+    shape = (sizes.caption_batch_size, 3, sizes.image_size, sizes.image_size)
+    pixel_values = torch.randn(shape, generator=generator).to(execution.device)
     greedy = dict(
         max_new_tokens=sizes.max_new_tokens, min_new_tokens=sizes.max_new_tokens, do_sample=False, num_beams=1
     )
@@ -457,7 +514,7 @@ def bench_captioning(sizes: BenchSizes, timing: Timing, generator: torch.Generat
 
     def generate(name: str, model, use_cache: bool) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), execution.autocast():
                 sequences = model.generate(pixel_values=pixel_values, use_cache=use_cache, **greedy)
             new_tokens[name] = sequences.shape[0] * (sequences.shape[1] - 1)  # both start from one BOS token
 
@@ -468,7 +525,7 @@ def bench_captioning(sizes: BenchSizes, timing: Timing, generator: torch.Generat
         "blip": generate("blip", captioners["blip"], True),
         "nlip_no_cache": generate("nlip_no_cache", captioners["nlip"], False),
     }
-    timed = compare(candidates, timing, "4/5 captioning")
+    timed = compare(candidates, timing, execution, "4/5 captioning")
     expected = sizes.caption_batch_size * sizes.max_new_tokens
     if set(new_tokens.values()) != {expected}:
         raise RuntimeError(f"Captioners generated {new_tokens} new tokens; expected {expected} each (min_new_tokens).")
@@ -491,36 +548,42 @@ def bench_captioning(sizes: BenchSizes, timing: Timing, generator: torch.Generat
 
 
 def training_step_flops(model: NLIPModel, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of forward + backward of the contrastive step, counted on an eager-attention copy.
+    """FLOPs of forward + backward of the contrastive step, counted in float32 on an eager-attention copy on the CPU.
 
     `FlopCounterMode` has no formula for the CPU SDPA kernels; eager attention does the same math with countable
-    matmuls.
+    matmuls. The count depends on neither the device nor the precision, so it is taken on the CPU for every `--device`.
     """
-    counted = copy.deepcopy(model).train()
+    counted = copy.deepcopy(model).cpu().train()
     counted.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
-        contrastive_loss(*embeddings(counted, batch)).backward()
+        contrastive_loss(*embeddings(counted, {key: value.cpu() for key, value in batch.items()})).backward()
     return counter.get_total_flops()
 
 
-def bench_flops(model: NLIPModel, sizes: BenchSizes, timing: Timing, batch: dict, generator: torch.Generator) -> dict:
+def bench_flops(
+    model: NLIPModel, sizes: BenchSizes, timing: Timing, execution: Execution, batch: dict, generator: torch.Generator
+) -> dict:
     model = copy.deepcopy(model).train()
     optimizer = make_optimizer(model)
     n = sizes.matmul_size
-    a, b = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
-    candidates = {
-        "matmul": lambda: torch.matmul(a, b),
-        "training_step": lambda: optimizer_step(optimizer, contrastive_loss(*embeddings(model, batch))),
-    }
-    timed = compare(candidates, timing, "5/5 FLOP/s")
+    a, b = (torch.randn(n, n, generator=generator).to(execution.device, execution.matmul_dtype) for _ in range(2))
+
+    def training_step() -> None:
+        with execution.autocast():
+            loss = contrastive_loss(*embeddings(model, batch))
+        optimizer_step(optimizer, loss)
+
+    candidates = {"matmul": lambda: torch.matmul(a, b), "training_step": training_step}
+    timed = compare(candidates, timing, execution, "5/5 FLOP/s")
     step_flops = training_step_flops(model, batch)
     matmul_flops = 2 * n**3
     peak = matmul_flops / timed.median("matmul")
     achieved = step_flops / timed.median("training_step")
     return {
         "what": "FLOP/s of an NLIPModel clip training step (forward+backward FLOPs / step time incl. AdamW) "
-        "/ FLOP/s of an fp32 n x n matmul, timed interleaved",
+        "/ FLOP/s of an n x n matmul in matmul_dtype, timed interleaved",
         "matmul_size": n,
+        "matmul_dtype": str(execution.matmul_dtype).removeprefix("torch."),
         "matmul_flops_per_s": _round(peak),
         "matmul_best_flops_per_s": _round(matmul_flops / timed.best("matmul")),
         "training_step_flops": step_flops,
@@ -562,18 +625,20 @@ def plot(results: dict, path: Path) -> None:
         axis.set_xticks(range(len(bars)), list(bars), fontsize=7)
         axis.set_ylabel("ratio")
         axis.set_title(f"{title} (red dashes: target)")
-    threads = results["machine"]["torch_num_threads"]
-    figure.suptitle(f"nlip speed ({results['preset']} sizes, {threads} CPU thread(s), ratios of medians)")
+    machine = results["machine"]
+    where = machine["device_name"] if machine["device"] == "cuda" else f"{machine['torch_num_threads']} CPU thread(s)"
+    figure.suptitle(f"nlip speed ({results['preset']} sizes, {where}, {machine['dtype']}, ratios of medians)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def run(sizes: BenchSizes, timing: Timing, threads: int, preset: str) -> dict:
-    """Every figure, in order; returns the JSON summary."""
+def run(sizes: BenchSizes, timing: Timing, execution: Execution, threads: int, preset: str) -> dict:
+    """Every figure, in order; returns the JSON summary. Random inputs come from a CPU generator on every device."""
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
-    batch = random_pairs(sizes, sizes.batch_size, generator)
+    batch = execution.to_device(random_pairs(sizes, sizes.batch_size, generator))
+    on_cuda = execution.device == "cuda"
     start = time.perf_counter()
     results = {
         "benchmark": "speed",
@@ -584,8 +649,10 @@ def run(sizes: BenchSizes, timing: Timing, threads: int, preset: str) -> dict:
             "cpu_count": os.cpu_count(),
             "torch_num_threads": torch.get_num_threads(),
             "load_average_1min_at_start": os.getloadavg()[0],
-            "device": "cpu",
-            "dtype": "float32",
+            "device": execution.device,
+            "device_name": torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine(),
+            "cuda": torch.version.cuda if on_cuda else None,
+            "dtype": execution.dtype,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -594,14 +661,14 @@ def run(sizes: BenchSizes, timing: Timing, threads: int, preset: str) -> dict:
         "timing": {
             **asdict(timing),
             "method": "warm-up rounds, then interleaved repetitions (order reversed every other round); figures from "
-            "median times, ratios are ratios of medians",
+            "median times, ratios are ratios of medians; on cuda, torch.cuda.synchronize() before each clock read",
         },
     }
-    results["training"], models = bench_training(sizes, timing, batch)
-    results["method_overhead"] = bench_methods(models["nlip"], sizes, timing, generator)
-    results["zero_shot_inference"] = bench_inference(models, sizes, timing, batch)
-    results["captioning"] = bench_captioning(sizes, timing, generator)
-    results["flops"] = bench_flops(models["nlip"], sizes, timing, batch, generator)
+    results["training"], models = bench_training(sizes, timing, execution, batch)
+    results["method_overhead"] = bench_methods(models["nlip"], sizes, timing, execution, generator)
+    results["zero_shot_inference"] = bench_inference(models, sizes, timing, execution, batch)
+    results["captioning"] = bench_captioning(sizes, timing, execution, generator)
+    results["flops"] = bench_flops(models["nlip"], sizes, timing, execution, batch, generator)
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     results["total_seconds"] = _round(time.perf_counter() - start)
     return results
@@ -611,7 +678,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, 3 repetitions (smoke test: seconds)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON path; the .png plot goes next to it")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every step runs (default cpu)")
+    parser.add_argument("--bf16", action="store_true", help="forward and loss in bfloat16 autocast, bf16 matmul")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, for the CPU side (default: cores)"
+    )
     parser.add_argument("--repetitions", type=int, default=None, help="timed rounds per figure (default 20, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2, quick 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -620,6 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda needs a CUDA GPU; torch.cuda.is_available() is False (torch {torch.__version__})")
+    if args.device == "cuda" and args.bf16 and not torch.cuda.is_bf16_supported():
+        parser.error(f"--bf16 with --device cuda needs bfloat16 support, which {torch.cuda.get_device_name()} lacks")
     return args
 
 
@@ -629,7 +704,8 @@ def main(argv: list[str] | None = None) -> dict:
     timing = Timing(repetitions=3, warmup=1) if args.quick else Timing()
     overrides = {name: getattr(args, name) for name in ("repetitions", "warmup") if getattr(args, name) is not None}
     timing = replace(timing, progress=not args.no_progress, **overrides)
-    results = run(sizes, timing, args.threads, "quick" if args.quick else "small")
+    execution = Execution(device=args.device, bf16=args.bf16)
+    results = run(sizes, timing, execution, args.threads, "quick" if args.quick else "small")
     results["command"] = " ".join(["python bench/speed.py", *(sys.argv[1:] if argv is None else argv)])
     text = json.dumps(results, indent=2)
     print(text)

@@ -1,4 +1,5 @@
-"""Smoke test of `bench/speed.py`: a `--quick` run produces a complete JSON summary of finite positive figures."""
+"""Smoke test of `bench/speed.py`: a `--quick` run, in float32 and with `--bf16` (bf16 autocast also runs on CPU),
+produces a complete JSON summary of finite positive figures."""
 
 import importlib.util
 import json
@@ -48,13 +49,13 @@ def assert_positive_finite(value, where: str) -> None:
     assert math.isfinite(value) and value > 0, f"{where} = {value!r} is not a positive finite number"
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["float32", "bf16"])
+def quick_run(request, tmp_path_factory):
     output = tmp_path_factory.mktemp("speed") / "speed.json"
     threads = torch.get_num_threads()
     try:
         argv = ["--quick", "--threads", "1", "--repetitions", "2", "--no-progress", "--output", str(output)]
-        results = load_speed_module().main(argv)
+        results = load_speed_module().main(argv + ["--bf16"] * request.param)
     finally:
         torch.set_num_threads(threads)
     return results, output
@@ -104,6 +105,10 @@ def test_same_size_models_and_recorded_settings(quick_run):
     assert results["training"]["parameter_count"]["clip"] == results["training"]["parameter_count"]["nlip"] > 0
     assert results["machine"]["torch_num_threads"] == 1
     assert results["preset"] == "quick" and results["timing"]["repetitions"] == 2
+    bf16 = "--bf16" in results["command"].split()
+    assert results["machine"]["device"] == "cpu"
+    assert results["machine"]["dtype"] == ("bfloat16 autocast" if bf16 else "float32")
+    assert results["flops"]["matmul_dtype"] == ("bfloat16" if bf16 else "float32")
     assert json.loads(output.read_text()) == results
     assert output.with_suffix(".png").stat().st_size > 0
 
@@ -115,3 +120,28 @@ def test_bad_arguments_are_rejected(capsys):
         with pytest.raises(SystemExit):
             speed.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_rejected(monkeypatch, capsys):
+    speed = load_speed_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--device", "cuda", "--bf16"])
+    assert "--device cuda needs a CUDA GPU; torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_method_steps_run_the_forward_in_the_requested_precision(bf16, tmp_path):
+    """The method steps bypass `Trainer.train()`, so the benchmark must itself prepare each model for autocast."""
+    speed = load_speed_module()
+    execution = speed.Execution(device="cpu", bf16=bf16)
+    model = speed.build_nlip(speed.QUICK_SIZES)
+    methods = speed.TrainerSteps(model, speed.QUICK_SIZES, execution, torch.Generator().manual_seed(0), tmp_path)
+    trainer = methods.trainers["nlip"]
+    assert (trainer.args.bf16, trainer.args.use_cpu) == (bf16, True)
+    dtypes = []
+    layer = trainer.model.vision_model.encoder.layers[0].mlp.fc1
+    layer.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    methods.step(trainer)
+    assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
+    assert trainer.model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
