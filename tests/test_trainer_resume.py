@@ -23,6 +23,11 @@ def _one_thread():
         yield
 
 
+def _two_captions_each():
+    """Pairs with two captions each: the random caption of every step must also come back on resume."""
+    return synthetic_pairs(NUM_PAIRS).map(lambda row: {"text": [row["text"], " ".join(reversed(row["text"].split()))]})
+
+
 def _run(output_dir, method, resume_from=None):
     # Random pairs give no confidently clean ones: NPC's clean set is taken at p > 0.5.
     overrides = {"npc_clean_threshold": 0.5} if method == "npc" else {}
@@ -30,7 +35,7 @@ def _run(output_dir, method, resume_from=None):
         output_dir, method=method, per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, noise_warmup_epochs=1,
         save_strategy="steps", save_steps=2, learning_rate=3e-3, **overrides,
     )
-    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=synthetic_pairs(NUM_PAIRS), processing_class=processor())
+    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=_two_captions_each(), processing_class=processor())
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer
 

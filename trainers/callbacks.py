@@ -1,12 +1,12 @@
 """`NLIPTrainer`'s epoch- and step-level schedule, as `TrainerCallback`s holding a reference to the trainer.
 
-At the start of each epoch, in this order: the concept bank is re-embedded (`ConceptBankCallback`, pre-training with a
-concept bank); the noise GMM is (re)fit (`NoiseEstimationCallback`, after
-`noise_warmup_epochs`, every `gmm_refit_epochs`; in `pass` mode after an extra no-grad pass) and the noise statistics
-are logged; NPC's memory bank is rebuilt (`MemoryBankCallback`); the synthetic captions are regenerated
-(`CompletionCallback`). Each action records the epoch it ran for in the noise state, so a run resumed in the middle of
-an epoch does not repeat it, and a run resumed at an epoch boundary does it. `SRCLScheduleCallback` sets SRCL's α
-from the global step before every optimizer step.
+At the start of each epoch, in this order: the collators learn the epoch (`CaptionEpochCallback`); the concept bank
+is re-embedded (`ConceptBankCallback`, pre-training with a concept bank); the noise GMM is (re)fit
+(`NoiseEstimationCallback`, after `noise_warmup_epochs`, every `gmm_refit_epochs`; in `pass` mode after an extra
+no-grad pass) and the noise statistics are logged; NPC's memory bank is rebuilt (`MemoryBankCallback`); the synthetic
+captions are regenerated (`CompletionCallback`). Each action records the epoch it ran for in the noise state, so a run
+resumed in the middle of an epoch does not repeat it, and a run resumed at an epoch boundary does it.
+`SRCLScheduleCallback` sets SRCL's α from the global step before every optimizer step.
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ class CompletionCallback(_TrainerCallback):
         last = self.trainer.noise_state.completion_epoch
         if is_due(epoch, last, args.noise_warmup_epochs, args.completion_refresh_epochs):
             self.trainer.refresh_synthetic_captions(epoch)
+
+
+class CaptionEpochCallback(_TrainerCallback):
+    """Tells the collators the epoch before its dataloader iterator starts: a multi-caption example's random caption
+    depends on `(seed, epoch, index)`, so a resumed run draws the captions the uninterrupted run drew."""
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.trainer.set_caption_epoch(epoch_index(state))
 
 
 class ConceptBankCallback(_TrainerCallback):

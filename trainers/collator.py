@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import get_worker_info
 
 from .data import EMPTY_CAPTION, InvalidPairError, SkipReport, decode_image, image_key, non_empty_captions, to_rgb
 
@@ -23,8 +22,9 @@ class ImageTextCollator:
 
     Images may be PIL images or undecoded `{"bytes", "path"}` dicts (streaming datasets); transparent images are
     composited onto white. When `text` holds several captions, one non-empty caption is taken: the first, or a random
-    one. Random picks come from a generator seeded by `seed`; inside a DataLoader worker, by `seed` plus the worker's
-    torch seed, which differs per worker and epoch and is reproducible under `transformers.set_seed`. Examples with a
+    one. A random pick is a function of `(seed, epoch, index)` alone: the same in every worker layout and process, and
+    after a resume from a checkpoint, yet different each epoch (`set_epoch`, which `NLIPTrainer` calls at every epoch
+    start, like a sampler's; with `persistent_workers` the workers keep the epoch they started with). Examples with a
     missing/undecodable image or no caption are skipped and counted in `skip_report` (per worker process when
     `num_workers > 0`), or raise `InvalidPairError` naming the file with `strict=True`.
 
@@ -40,23 +40,23 @@ class ImageTextCollator:
     truncation: bool = True
     caption_choice: Literal["random", "first"] = "random"
     seed: int = 0
+    epoch: int = 0
     strict: bool = False
     skip_report: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
         if self.caption_choice not in ("random", "first"):
             raise ValueError(f"caption_choice must be 'random' or 'first', got {self.caption_choice!r}.")
-        self._rng = random.Random(self.seed)
-        self._worker_seed: int | None = None
 
-    def _pick_caption(self, captions: list[str]) -> str:
-        if self.caption_choice == "first":
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the random captions of `epoch` from now on."""
+        self.epoch = epoch
+
+    def _pick_caption(self, captions: list[str], index: int) -> str:
+        if self.caption_choice == "first" or len(captions) == 1:
             return captions[0]
-        worker = get_worker_info()
-        if worker is not None and worker.seed != self._worker_seed:  # a fresh worker: fork-copied generators repeat
-            self._worker_seed = worker.seed
-            self._rng = random.Random(self.seed + worker.seed)
-        return self._rng.choice(captions)
+        # A string seed is hashed with SHA-512: stable across processes (unlike `hash()` of a tuple).
+        return random.Random(f"{self.seed}/{self.epoch}/{index}").choice(captions)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.processor.tokenizer(
@@ -82,7 +82,7 @@ class ImageTextCollator:
                 self.skip_report.add(key, reason, detail)
                 continue
             images.append(to_rgb(image))
-            texts.append(self._pick_caption(captions))
+            texts.append(self._pick_caption(captions, int(example["index"])))
             kept.append(example)
         if not kept:
             raise InvalidPairError(f"Every example of a batch of {len(examples)} was invalid: {self.skip_report}.")

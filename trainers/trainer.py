@@ -40,6 +40,7 @@ from transformers import AutoModel, Trainer
 from transformers.dynamic_module_utils import custom_object_save
 
 from .callbacks import (
+    CaptionEpochCallback,
     CompletionCallback,
     ConceptBankCallback,
     MemoryBankCallback,
@@ -153,8 +154,8 @@ class NLIPTrainer(Trainer):
                 "method 'npc' fine-tunes a dual encoder (NLIPModel); an NLIPForPreTraining would also learn captions "
                 "from the memory entries. Load the checkpoint with NLIPModel.from_pretrained for NPC."
             )
-        # A private copy of the collator for state passes and memory entries: they must not advance the random
-        # caption choice of the training batches.
+        # A private copy of the collator for state passes and memory entries, so that the pairs they skip are not
+        # counted twice in the training collator's `skip_report`.
         self._state_collator = copy.deepcopy(data_collator)
         # Evaluation is deterministic: an example with several captions is scored on its first one.
         self._eval_collator = (
@@ -169,6 +170,7 @@ class NLIPTrainer(Trainer):
         self.srcl_alpha = args.srcl_alpha_start
         self._step_metrics: dict[str, list[torch.Tensor]] = {}
         self._pass_cache: tuple[tuple[int, int], TrainSetPass] | None = None
+        self.add_callback(CaptionEpochCallback(self))
         if self._pretraining and self.accelerator.unwrap_model(self.model).has_concept_bank:
             self.add_callback(ConceptBankCallback(self))
         self.add_callback(NoiseEstimationCallback(self))
@@ -567,6 +569,12 @@ class NLIPTrainer(Trainer):
         if self.args.noise_completion and "synthetic_input_ids" in inputs:
             return inputs["synthetic_input_ids"], inputs["synthetic_attention_mask"]
         return None
+
+    def set_caption_epoch(self, epoch: int) -> None:
+        """Make the collators draw `epoch`'s random captions (`ImageTextCollator.set_epoch`)."""
+        for collator in (self.data_collator, self._state_collator):
+            if hasattr(collator, "set_epoch"):
+                collator.set_epoch(epoch)
 
     def refresh_concept_bank(self) -> None:
         """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
