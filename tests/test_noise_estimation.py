@@ -147,3 +147,26 @@ def test_bad_arguments():
         CleanProbabilityEstimator(min_samples=1)
     with pytest.raises(ValueError, match="max_fit_samples"):
         CleanProbabilityEstimator(max_fit_samples=5)
+
+
+def test_a_broad_clean_component_keeps_the_lowest_losses_clean():
+    """A broad clean mode under a narrow noisy peak (heavy noise: most losses pile up near the random-pair loss). At
+    the clean component's mean the narrow noisy peak still wins, so clipping there would call every pair noisy; the
+    low tail must stay clean and the high tail noisy."""
+    rng = np.random.default_rng(0)
+    rng.normal(size=700)  # a draw for which the fit has this shape
+    clean, noisy = rng.normal(4.0, 0.4, 280), rng.normal(4.15, 0.08, 420)
+    estimator = CleanProbabilityEstimator()
+    estimate = estimator.fit(np.concatenate([clean, noisy]))
+    mixture = estimator._mixture
+    assert mixture.variances[0] > mixture.variances[1]  # the clean component is the broader one
+    assert mixture.log_odds(np.array(mixture.means[0])) < 0  # ... and loses at its own mean
+    assert 0.2 < float((estimate.noise_prob > 0.5).mean()) < 0.95
+    assert float(estimate.clean_prob[:280][clean < 3.5].min()) > 0.9  # the clearly low losses are clean
+    grid = np.linspace(2.0, 7.0, 1001)
+    clean_prob = estimator.predict(grid).clean_prob
+    assert np.all(np.diff(clean_prob) <= 0)
+    # Beyond the log-odds' vertex (above the noisy mean) the broad clean component would win again: held at the vertex.
+    assert clean_prob[-1] == clean_prob.min() < 0.2
+    threshold = estimate.loss_threshold
+    assert threshold is not None and estimator.predict([threshold - 0.01]).clean_prob[0] > 0.5 > estimator.predict([threshold + 0.01]).clean_prob[0]

@@ -34,7 +34,7 @@ class NoiseEstimate:
         variances: `(clean, noisy)` component variances, in squared loss units; None after a fallback.
         weights: `(clean, noisy)` mixture weights; None after a fallback.
         loss_threshold: the loss at which the clean probability crosses 0.5; None after a fallback or when it does not
-            cross between the two means.
+            cross within the range of the losses it was fit on.
         reason: why the estimator fell back to `p = 1` for all samples; None when the mixture was used.
     """
 
@@ -66,6 +66,19 @@ class _Mixture:
         constant = math.log(w0 / w1) - 0.5 * math.log(v0 / v1)
         return constant - 0.5 * np.square(normalised - m0) / v0 + 0.5 * np.square(normalised - m1) / v1
 
+    def monotone_range(self) -> tuple[float, float]:
+        """The interval on which the clean posterior falls as the loss grows. The log-odds are a quadratic in the loss:
+        with unequal variances it turns at its vertex, below it when the clean component is the narrower (concave: a
+        broad noisy component wins again on the low tail) and above it when the clean component is the broader
+        (convex: it wins again on the high tail). The range runs from that vertex to infinity or from minus infinity
+        to it; with equal variances the log-odds are linear and fall everywhere."""
+        (m0, m1), (v0, v1) = self.means, self.variances
+        curvature = 1.0 / v1 - 1.0 / v0  # twice the quadratic's x² coefficient
+        if abs(curvature) < 1e-12 / min(v0, v1):
+            return -math.inf, math.inf
+        vertex = (m1 / v1 - m0 / v0) / curvature
+        return (vertex, math.inf) if curvature < 0 else (-math.inf, vertex)
+
     def to_loss_units(self, normalised: float) -> float:
         return self.loss_min + normalised * (self.loss_max - self.loss_min)
 
@@ -79,10 +92,11 @@ class CleanProbabilityEstimator:
     Choices, documented:
 
     - Losses are min-max normalised with the fit data's range; `predict` reuses that range.
-    - The posterior is evaluated at the normalised loss clipped to `[clean mean, noisy mean]`. Between the means the
-      posterior of two Gaussians is monotone; outside it a broad component can win on both tails, which would call the
-      lowest-loss pairs noisy. Clipping makes `p` non-increasing in the loss (and maps +inf to the value at the noisy
-      mean) without changing it between the means.
+    - The posterior is evaluated at the normalised loss clipped to the range where it falls as the loss grows
+      (`_Mixture.monotone_range`). A broader component wins again on its far tail: a broad noisy component would call
+      the lowest-loss pairs noisy, a broad clean one the highest-loss pairs clean. Clipping at the log-odds' vertex
+      makes `p` non-increasing in the loss without changing it where it already was (+inf maps to the value at the
+      vertex, or to 0).
     - NaN losses (e.g. `LossBank` entries never seen) are left out of the fit and get `p = 1` (no evidence, as before
       the first fit); ±inf are left out of the fit and predicted through the clipping above.
     - Degenerate input — fewer than `min_samples` finite losses, all finite losses equal, or a failed fit — does not
@@ -188,7 +202,9 @@ class CleanProbabilityEstimator:
         if mixture is None:
             return NoiseEstimate(clean_prob=np.ones(values.shape, dtype=np.float32), reason=self._reason)
         normalised = (values - mixture.loss_min) / (mixture.loss_max - mixture.loss_min)
-        clean_prob = expit(mixture.log_odds(np.clip(normalised, *mixture.means))).astype(np.float32)
+        # ±inf losses are taken as losses far outside the fit range (1e6 ranges), where the posterior has its limit.
+        normalised = np.clip(np.nan_to_num(normalised, posinf=1e6, neginf=-1e6), *mixture.monotone_range())
+        clean_prob = expit(mixture.log_odds(normalised)).astype(np.float32)
         clean_prob[np.isnan(values)] = 1.0
         scale = mixture.loss_max - mixture.loss_min
         return NoiseEstimate(
@@ -226,9 +242,11 @@ def _as_float64(losses) -> np.ndarray:
 
 
 def _threshold(mixture: _Mixture, iterations: int = 60) -> float | None:
-    """Loss where the clean posterior crosses 0.5, by bisection between the means (where it is monotone)."""
-    low, high = mixture.means
-    if not mixture.log_odds(np.array(low)) >= 0 >= mixture.log_odds(np.array(high)):
+    """Loss where the clean posterior crosses 0.5, by bisection on the normalised fit range [0, 1] clipped to where
+    it is monotone; None when it does not cross there."""
+    start, end = mixture.monotone_range()
+    low, high = max(0.0, start), min(1.0, end)
+    if not (low < high and mixture.log_odds(np.array(low)) >= 0 >= mixture.log_odds(np.array(high))):
         return None
     for _ in range(iterations):
         middle = 0.5 * (low + high)
