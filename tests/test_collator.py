@@ -1,5 +1,6 @@
 """ImageTextCollator: shapes, dtypes, caption choice, pass-through columns, skipping and strict mode."""
 
+import copy
 import io
 
 import PIL.Image
@@ -112,6 +113,27 @@ def test_random_captions_depend_on_seed_epoch_and_index_only(processor):
     assert epoch_1 != epoch_0 and picks(0) == epoch_1
     collator.set_epoch(0)
     assert picks(0) == epoch_0
+
+
+def test_persistent_workers_see_set_epoch(processor):
+    """Persistent workers keep their copy of the collator across epochs; the epoch they draw with is still the one
+    set last (shared memory), also for a deep copy of the collator such as the trainer's state-pass collator."""
+    captions = [f"a {word}" for word in ("cat", "dog", "bird", "car", "tree", "house")]
+    examples = [example(i, captions) for i in range(8)]
+
+    def drawn(loader):
+        return [text for batch in loader for text in processor.tokenizer.batch_decode(batch["input_ids"], True)]
+
+    for collator in (ImageTextCollator(processor, seed=0), copy.deepcopy(ImageTextCollator(processor, seed=0))):
+        collator.set_epoch(0)
+        loader = DataLoader(examples, batch_size=4, num_workers=1, persistent_workers=True, collate_fn=collator)
+        in_process = DataLoader(examples, batch_size=4, collate_fn=collator)
+        epoch_0 = drawn(loader)
+        collator.set_epoch(1)
+        assert collator.epoch == 1
+        epoch_1 = drawn(loader)  # the same worker process as epoch 0
+        assert epoch_1 != epoch_0
+        assert epoch_1 == drawn(in_process)
 
 
 def test_skips_bad_examples_and_strict(processor):

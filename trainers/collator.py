@@ -24,7 +24,7 @@ class ImageTextCollator:
     composited onto white. When `text` holds several captions, one non-empty caption is taken: the first, or a random
     one. A random pick is a function of `(seed, epoch, index)` alone: the same in every worker layout and process, and
     after a resume from a checkpoint, yet different each epoch (`set_epoch`, which `NLIPTrainer` calls at every epoch
-    start, like a sampler's; with `persistent_workers` the workers keep the epoch they started with). Examples with a
+    start, like a sampler's; the epoch lives in shared memory, so `persistent_workers` see it too). Examples with a
     missing/undecodable image or no caption are skipped and counted in `skip_report` (per worker process when
     `num_workers > 0`), or raise `InvalidPairError` naming the file with `strict=True`.
 
@@ -40,17 +40,25 @@ class ImageTextCollator:
     truncation: bool = True
     caption_choice: Literal["random", "first"] = "random"
     seed: int = 0
-    epoch: int = 0
     strict: bool = False
     skip_report: SkipReport = field(default_factory=SkipReport)
+    # A shared-memory scalar: DataLoader workers, persistent ones included, read the epoch the trainer last set.
+    _epoch: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.caption_choice not in ("random", "first"):
             raise ValueError(f"caption_choice must be 'random' or 'first', got {self.caption_choice!r}.")
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose random captions are drawn (0 until `set_epoch`)."""
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the random captions of `epoch` from now on."""
-        self.epoch = epoch
+        """Draw the random captions of `epoch` from now on, in this process and in every DataLoader worker."""
+        self._epoch.share_memory_()  # a deep copy of the collator holds a private tensor: share it before workers start
+        self._epoch.fill_(epoch)
 
     def _pick_caption(self, captions: list[str], index: int) -> str:
         if self.caption_choice == "first" or len(captions) == 1:
