@@ -397,8 +397,9 @@ class TrainerSteps:
         return {name: functools.partial(self.step, trainer) for name, trainer in self.trainers.items()}
 
     def fetch_memory_entries(self) -> dict[str, torch.Tensor]:
-        """What NPC's step spends loading its memory entries: `2 x B` dataset rows, collated."""
-        return stack_collator([self.dataset[int(row)] for row in self.memory_bank.clean_indices])
+        """What NPC's step spends loading its memory entries (`2 x B` dataset rows, collated, moved to the device):
+        the NPC trainer's own fetch."""
+        return self.trainers["npc"]._memory_inputs(self.batch["index"])
 
     def step(self, trainer) -> None:
         """What the Trainer's loop does per batch without gradient accumulation or clipping: `training_step` (forward

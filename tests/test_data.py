@@ -21,6 +21,7 @@ from trainers.data import (
     UNDECODABLE_IMAGE,
     InvalidPairError,
     SkipReport,
+    dataset_rows,
     load_imagefolder_pairs,
     load_webdataset_pairs,
     prepare_pairs,
@@ -30,6 +31,16 @@ from trainers.data import (
 @pytest.fixture
 def processor():
     return tiny_processor()
+
+
+def test_dataset_rows_reads_in_order_batched_or_not():
+    """`dataset_rows` gives `dataset[row]` for each row, in the order asked (repeats too), for an Arrow dataset (one
+    batched read) and for a plain sequence."""
+    pairs = datasets.Dataset.from_dict({"index": [10, 11, 12, 13], "text": ["a", "b", "c", "d"]})
+    rows = np.array([3, 0, 3, 1])
+    assert dataset_rows(pairs, rows) == [pairs[int(row)] for row in rows]
+    assert dataset_rows(pairs.with_format("torch"), [2])[0]["index"].item() == 12
+    assert dataset_rows(["a", "b", "c"], [2, 0]) == ["c", "a"]
 
 
 def image_bytes(value: int, fmt: str = "PNG", size: int = 8) -> bytes:

@@ -48,6 +48,7 @@ from .callbacks import (
     SRCLScheduleCallback,
 )
 from .collator import ImageTextCollator
+from .data import dataset_rows
 from .completion import generate_synthetic_captions, load_captioner, load_captioner_processor
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
 from .evaluation import embedding_tensor
@@ -483,7 +484,7 @@ class NLIPTrainer(Trainer):
         index = local_index.detach().cpu()
         neighbors = torch.cat([bank.image_neighbors[index], bank.text_neighbors[index]]).unique()
         rows = self._row_of_index[neighbors.numpy()]
-        batch = self._state_collator([self.train_dataset[int(row)] for row in rows])
+        batch = self._state_collator(dataset_rows(self.train_dataset, rows))
         if not torch.equal(batch["index"], neighbors):
             raise RuntimeError("NPC memory entries could not all be collated (an invalid image-text pair was skipped).")
         return self._prepare_inputs({key: batch[key] for key in (*_MODEL_INPUTS, "index")})
