@@ -1,29 +1,18 @@
 """Smoke test of `bench/robustness.py`: `--quick` runs give a complete JSON summary of finite figures, and the targets
 are computed from the tables as documented."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_testing import load_bench_script
 
 from trainers.real_datasets import DEBIAN_SOURCES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
 FASHION_METHODS = ["clip", "npc", "nlip+srcl"]
 FASHION_RATIOS = [0.0, 0.4, 0.6]
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("bench_robustness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def needs_package(name):
@@ -38,7 +27,7 @@ def run_quick(tmp_path, setting, methods, ratios):
     argv = ["--setting", setting, "--quick", "--methods", *methods, "--noise_ratios", *map(str, ratios),
             "--no-progress", "--output_dir", str(tmp_path)]
     try:
-        results = load_module().main(argv)
+        results = load_bench_script("robustness").main(argv)
     finally:
         torch.set_num_threads(threads)
     return results, tmp_path / f"robustness_{setting}.json"
@@ -124,7 +113,7 @@ def test_tuxpaint_quick_run(tmp_path):
 
 
 def test_targets_from_tables():
-    module = load_module()
+    module = load_bench_script("robustness")
     figure = {
         "clip": {"0.0": 80.0, "0.4": 60.0, "0.6": 50.0},
         "nlip": {"0.0": 80.0, "0.4": 75.0, "0.6": 74.0},
@@ -155,7 +144,7 @@ def test_targets_from_tables():
 
 
 def test_bad_arguments_are_rejected():
-    module = load_module()
+    module = load_bench_script("robustness")
     for argv in (
         ["--setting", "fashion_mnist", "--methods", "clip+nlip"],
         ["--setting", "fashion_mnist", "--methods", "nlip", "nlip"],

@@ -1,16 +1,13 @@
 """Smoke test of `bench/speed.py`: a `--quick` run, in float32 and with `--bf16` (bf16 autocast also runs on CPU),
 produces a complete JSON summary of finite positive figures."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_testing import load_bench_script
 
-SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
 
 # Every figure the benchmark reports, by section; all must be finite and > 0.
 FIGURES = {
@@ -36,14 +33,6 @@ FIGURES = {
 METHODS = ["nlip", "srcl", "srcl_reference", "npc", "nlip+srcl"]
 
 
-def load_speed_module():
-    spec = importlib.util.spec_from_file_location("bench_speed", SPEED_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_positive_finite(value, where: str) -> None:
     assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} = {value!r} is not a number"
     assert math.isfinite(value) and value > 0, f"{where} = {value!r} is not a positive finite number"
@@ -55,7 +44,7 @@ def quick_run(request, tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         argv = ["--quick", "--threads", "1", "--repetitions", "2", "--no-progress", "--output", str(output)]
-        results = load_speed_module().main(argv + ["--bf16"] * request.param)
+        results = load_bench_script("speed").main(argv + ["--bf16"] * request.param)
     finally:
         torch.set_num_threads(threads)
     return results, output
@@ -114,7 +103,7 @@ def test_same_size_models_and_recorded_settings(quick_run):
 
 
 def test_bad_arguments_are_rejected(capsys):
-    speed = load_speed_module()
+    speed = load_bench_script("speed")
     cases = ((["--threads", "0"], "--threads must be >= 1, got 0"), (["--warmup", "-1"], "--warmup must be >= 0"))
     for argv, message in cases:
         with pytest.raises(SystemExit):
@@ -123,7 +112,7 @@ def test_bad_arguments_are_rejected(capsys):
 
 
 def test_cuda_without_a_gpu_is_rejected(monkeypatch, capsys):
-    speed = load_speed_module()
+    speed = load_bench_script("speed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         speed.parse_args(["--device", "cuda", "--bf16"])
@@ -133,7 +122,7 @@ def test_cuda_without_a_gpu_is_rejected(monkeypatch, capsys):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_method_steps_run_the_forward_in_the_requested_precision(bf16, tmp_path):
     """The method steps bypass `Trainer.train()`, so the benchmark must itself prepare each model for autocast."""
-    speed = load_speed_module()
+    speed = load_bench_script("speed")
     execution = speed.Execution(device="cpu", bf16=bf16)
     model = speed.build_nlip(speed.QUICK_SIZES)
     methods = speed.TrainerSteps(model, speed.QUICK_SIZES, execution, torch.Generator().manual_seed(0), tmp_path)
