@@ -7,9 +7,11 @@ from .conversion_clip import convert_clip_processor, convert_clip_to_nlip
 from .modeling_nlip import NLIPModel, NLIPOutput, NLIPPreTrainedModel
 from .modeling_nlip_captioning import NLIPCaptioningOutput, NLIPForCaptioning, caption_lm_loss
 from .modeling_nlip_pretraining import NLIPForPreTraining, NLIPForPreTrainingOutput
-from .processing_nlip import NLIPProcessor
+from .processing_nlip import NLIPProcessor, image_processor_from_timm_config
 from .registration import register_nlip
+from .version_check import TESTED_TRANSFORMERS, warn_if_untested_transformers
 
+warn_if_untested_transformers()
 register_nlip()
 
 __all__ = [
@@ -24,9 +26,12 @@ __all__ = [
     "NLIPOutput",
     "NLIPPreTrainedModel",
     "NLIPProcessor",
+    "TESTED_TRANSFORMERS",
     "caption_lm_loss",
     "convert_clip_processor",
     "convert_clip_to_nlip",
+    "image_processor_from_timm_config",
     "register_nlip",
     "tokenize_concepts",
+    "warn_if_untested_transformers",
 ]

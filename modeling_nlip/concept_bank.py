@@ -1,5 +1,5 @@
 # Copyright 2026 The nlip authors. Licensed under the Apache License, Version 2.0.
-"""The concept bank (DESIGN §4.3): concept names, their prompted text embeddings, retrieval, and the captioner's prefix.
+"""The concept bank: concept names, their prompted text embeddings, retrieval, and the captioner's prefix.
 
 The bank lives on the model: its embeddings are the persistent buffer `concept_embeds` (`[n_concepts, projection_dim]`,
 saved in the checkpoint's weights) and its names and token ids live in the config (`concept_vocabulary`,

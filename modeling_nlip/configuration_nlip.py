@@ -20,7 +20,9 @@ class NLIPConfig(PreTrainedConfig):
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
-            Config of the image encoder (any transformers vision model, default `clip_vision_model`, patch 16).
+            Config of the image encoder (any transformers vision model, default `clip_vision_model`, patch 16), or
+            `{"model_type": "timm_wrapper", "architecture": ...}` for any timm backbone (`TimmWrapperModel`; a CNN's
+            `[B, C, H, W]` feature map becomes `H*W` image tokens, its timm head pooling the `pooler` output).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the text encoder (any transformers text encoder, default `clip_text_model`).
         decoder_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -102,7 +104,8 @@ class NLIPConfig(PreTrainedConfig):
             if isinstance(sub_config, dict) and sub_config.get("model_type") not in (None, *CONFIG_MAPPING.keys()):
                 raise ValueError(
                     f"NLIPConfig.{name} has unknown model_type {sub_config['model_type']!r}; expected a transformers "
-                    f"model type such as 'clip_vision_model', 'vit', 'siglip_vision_model', 'clip_text_model', 'bert'."
+                    "model type such as 'clip_vision_model', 'vit', 'siglip_vision_model', 'timm_wrapper', "
+                    "'clip_text_model', 'bert'."
                 )
             if sub_config is not None and not isinstance(sub_config, (dict, PreTrainedConfig)):
                 raise TypeError(f"NLIPConfig.{name} must be a dict or a PreTrainedConfig, got {type(sub_config).__name__}.")

@@ -57,14 +57,41 @@ def symmetric_contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (nn.functional.cross_entropy(logits_per_text, targets) + nn.functional.cross_entropy(logits_per_text.T, targets)) / 2
 
 
+def image_tokens(hidden_state: torch.Tensor) -> torch.Tensor:
+    """An image tower's output as tokens `[batch, tokens, width]`: a CNN feature map `[batch, channels, height, width]`
+    (timm ResNet / EfficientNet / ConvNeXt towers) becomes `[batch, height * width, channels]`; token sequences (ViT,
+    CLIP, timm ViTs) are returned unchanged."""
+    if hidden_state.dim() == 4:
+        return hidden_state.flatten(2).transpose(1, 2)
+    return hidden_state
+
+
+def tower_hidden_size(tower: nn.Module) -> int:
+    """Width of a tower's outputs: its config's `hidden_size`, or the `num_features` of a timm backbone
+    (`TimmWrapperModel`, whose config has no `hidden_size`)."""
+    hidden_size = getattr(tower.config, "hidden_size", None)
+    if hidden_size is None and hasattr(tower, "timm_model"):
+        hidden_size = tower.timm_model.num_features
+    if not isinstance(hidden_size, int):
+        raise ValueError(
+            f"Cannot tell the output width of the {type(tower).__name__} tower: its config has no `hidden_size` and it "
+            "is not a timm backbone."
+        )
+    return hidden_size
+
+
 def pool_tower_output(outputs: BaseModelOutputWithPooling, mode: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One vector per example from a tower's output: its pooler, the masked token mean, or the first token."""
+    """One vector per example from a tower's output: its pooler, the masked token mean, or the first token. A CNN
+    feature map (`[batch, channels, height, width]`) is read as `height * width` tokens (`image_tokens`)."""
     if mode == "pooler":
         if outputs.pooler_output is None:
             raise ValueError("This tower has no pooler_output; set NLIPConfig vision_pooling/text_pooling to 'mean' or 'cls'.")
         return outputs.pooler_output
-    hidden = outputs.last_hidden_state
+    is_feature_map = outputs.last_hidden_state.dim() == 4
+    hidden = image_tokens(outputs.last_hidden_state)
     if mode == "cls":
+        if is_feature_map:
+            raise ValueError("A CNN image tower has no class token: set NLIPConfig.vision_pooling to 'pooler' or 'mean'.")
         return hidden[:, 0]
     if attention_mask is None:
         return hidden.mean(dim=1)
@@ -101,6 +128,58 @@ class NLIPPreTrainedModel(PreTrainedModel):
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def freeze_towers(self, vision: bool = False, text: bool = False, unfreeze_last_n: int = 0) -> list[str]:
+        """
+        Lock pretrained towers, LiT-style (Zhai et al., 2022): their parameters stop requiring gradient and the locked
+        modules stay in eval mode (batch-norm statistics and dropout frozen) also after `model.train()`, so only the
+        projections, the logit scale (and any unlocked part) train.
+
+        Args:
+            vision / text (`bool`): lock the image / text tower (the text encoder of the dual encoder; a captioner's
+                decoder is never locked).
+            unfreeze_last_n (`int`, defaults to 0): leave the last `n` entries of each locked tower's block list
+                trainable (transformer layers; a timm CNN's stages), with every module after them (final norm, conv
+                head). 0 locks the whole tower.
+
+        Returns the names of the parameters that were locked. Locking is a training-time setting: it is not saved
+        with the checkpoint.
+        """
+        if isinstance(unfreeze_last_n, bool) or not isinstance(unfreeze_last_n, int) or unfreeze_last_n < 0:
+            raise ValueError(f"`unfreeze_last_n` must be a non-negative integer, got {unfreeze_last_n!r}.")
+        locked: list[str] = []
+        frozen_modules = list(getattr(self, "_frozen_modules", []))
+        for wanted, name in ((vision, "vision_model"), (text, "text_model")):
+            if not wanted:
+                continue
+            tower = getattr(self, name, None)
+            if tower is None:
+                raise ValueError(f"{type(self).__name__} has no {name} to freeze.")
+            trainable = _last_blocks_parameters(tower, unfreeze_last_n, name) if unfreeze_last_n else set()
+            for param_name, param in tower.named_parameters():
+                if param_name not in trainable:
+                    param.requires_grad_(False)
+                    locked.append(f"{name}.{param_name}")
+            frozen_modules.extend(_fully_frozen_modules(tower))
+        self._frozen_modules = frozen_modules
+        self.train(self.training)
+        return locked
+
+    def frozen_tower_names(self) -> list[str]:
+        """The towers (`"vision_model"`, `"text_model"`) none of whose parameters train."""
+        return [
+            name
+            for name in ("vision_model", "text_model")
+            if getattr(self, name, None) is not None
+            and not any(p.requires_grad for p in getattr(self, name).parameters())
+        ]
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, keeping the modules locked by `freeze_towers` in eval mode."""
+        super().train(mode)
+        for module in getattr(self, "_frozen_modules", ()):
+            module.train(False)
+        return self
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -109,6 +188,42 @@ class NLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+_BLOCK_LIST_NAMES = ("layers", "layer", "blocks", "stages", "resblocks", "h")
+
+
+def _last_blocks_parameters(tower: nn.Module, n: int, tower_name: str) -> set[str]:
+    """Names of the parameters of the last `n` entries of the tower's block list (its longest `ModuleList` /
+    `Sequential` named layers, layer, blocks, stages, ...) and of every parameter registered after that list."""
+    candidates = [
+        (name, module)
+        for name, module in tower.named_modules()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.split(".")[-1] in _BLOCK_LIST_NAMES
+    ]
+    if not candidates:
+        raise ValueError(f"`unfreeze_last_n`: found no block list (layers / blocks / stages) in the {tower_name} tower.")
+    list_name, blocks = max(candidates, key=lambda item: len(item[1]))
+    if n > len(blocks):
+        raise ValueError(
+            f"`unfreeze_last_n`={n} exceeds the {len(blocks)} blocks of the {tower_name} tower ({list_name})."
+        )
+    prefixes = tuple(f"{list_name}.{i}." for i in range(len(blocks) - n, len(blocks)))
+    names = [name for name, _ in tower.named_parameters()]
+    in_blocks = [i for i, name in enumerate(names) if name.startswith(f"{list_name}.")]
+    after = set(names[in_blocks[-1] + 1 :]) if in_blocks else set()
+    return {name for name in names if name.startswith(prefixes)} | after
+
+
+def _fully_frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `module` (itself included) that have parameters, none of them trainable."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return [module]
+    found = []
+    for child in module.children():
+        found.extend(_fully_frozen_modules(child))
+    return found
 
 
 def tower_init_kwargs(config, pooling: str = "pooler") -> dict:
@@ -155,8 +270,8 @@ class NLIPModel(NLIPPreTrainedModel):
         self.text_model.config = config.text_config
 
         self.projection_dim = config.projection_dim
-        self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = tower_hidden_size(self.vision_model)
+        self.text_embed_dim = tower_hidden_size(self.text_model)
         self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
@@ -207,6 +322,8 @@ class NLIPModel(NLIPPreTrainedModel):
         return_loss: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        vision_pooled_output: torch.FloatTensor | None = None,
+        text_pooled_output: torch.FloatTensor | None = None,
         **kwargs,
     ) -> NLIPOutput:
         r"""
@@ -215,17 +332,28 @@ class NLIPModel(NLIPPreTrainedModel):
         return_loss (`bool`, *optional*):
             Whether to return the symmetric contrastive loss over the batch (CLIP's loss). The noise-robust losses
             (NLIP, NPC, SRCL) live in `trainers.losses` and consume this output's embeddings.
+        vision_pooled_output (`torch.FloatTensor` of shape `[batch, vision width]`, *optional*):
+            The image tower's pooled output (before `visual_projection`), e.g. a locked tower's cached features,
+            instead of `pixel_values`: the tower is not run.
+        text_pooled_output (`torch.FloatTensor` of shape `[batch, text width]`, *optional*):
+            Likewise for the text tower, instead of `input_ids`.
         """
         tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
-        vision_outputs = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
-        text_outputs = self.get_text_features(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            token_type_ids=token_type_ids,
-            **tower_kwargs,
-        )
+        if vision_pooled_output is not None:
+            vision_outputs = BaseModelOutputWithPooling(pooler_output=self.visual_projection(vision_pooled_output))
+        else:
+            vision_outputs = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
+        if text_pooled_output is not None:
+            text_outputs = BaseModelOutputWithPooling(pooler_output=self.text_projection(text_pooled_output))
+        else:
+            text_outputs = self.get_text_features(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                token_type_ids=token_type_ids,
+                **tower_kwargs,
+            )
         image_embeds = vision_outputs.pooler_output / vision_outputs.pooler_output.norm(p=2, dim=-1, keepdim=True)
         text_embeds = text_outputs.pooler_output / text_outputs.pooler_output.norm(p=2, dim=-1, keepdim=True)
 
@@ -255,7 +383,10 @@ class NLIPModel(NLIPPreTrainedModel):
         """
         Build an NLIP dual encoder from two pretrained towers (local folders or Hub ids); the projections are new.
 
-        A full CLIP checkpoint given as a tower contributes its vision (resp. text) transformer. Keyword arguments
+        A full CLIP checkpoint given as a tower contributes its vision (resp. text) transformer; a timm checkpoint
+        folder (`model_type` "timm_wrapper", e.g. written by `nlip-convert-efficientnet-lite0` or any `timm/...` Hub
+        model) becomes a `TimmWrapperModel` image tower (a CNN's feature map is its image tokens, its global pool
+        the pooled output; build the matching processor with `NLIPProcessor.from_vision_text_pretrained`). Keyword arguments
         prefixed `vision_` / `text_` go to that tower's `from_pretrained`; the rest (`projection_dim`,
         `text_pooling`, ...) to [`NLIPConfig`]. Sentence-transformers text towers (MiniLM, MPNet) are trained with
         mean pooling: pass `text_pooling="mean"`.
@@ -282,4 +413,4 @@ def _load_tower(name_or_path: str, sub_config_name: str, kwargs: dict, pooling: 
     return AutoModel.from_pretrained(name_or_path, config=config, **tower_init_kwargs(config, pooling), **kwargs)
 
 
-__all__ = ["NLIPOutput", "NLIPPreTrainedModel", "NLIPModel"]
+__all__ = ["NLIPOutput", "NLIPPreTrainedModel", "NLIPModel", "image_tokens", "pool_tower_output", "tower_hidden_size"]

@@ -18,10 +18,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .concept_bank import NLIPConceptBankMixin, concept_prefix_rows, left_pad, tokenize_concepts
 from .configuration_nlip import NLIPConfig
-from .modeling_nlip import NLIPModel, NLIPPreTrainedModel, build_tower, pool_tower_output
+from .modeling_nlip import NLIPModel, NLIPPreTrainedModel, build_tower, image_tokens, pool_tower_output, tower_hidden_size
 
 logger = logging.get_logger(__name__)
 
@@ -38,7 +39,7 @@ class NLIPCaptioningOutput(ModelOutput):
         per_sample_loss: `[batch]` mean LM loss over each sample's own label tokens (for noise estimation).
         logits: `[batch, prefix_length + sequence_length, vocab]` next-token logits over the concept prefix and the
             caption (the prefix comes first).
-        past_key_values: the decoder's cache (self- and cross-attention).
+        cache: the decoder's cache (self- and cross-attention), an `EncoderDecoderCache`.
         hidden_states / attentions / cross_attentions: the decoder's, when requested.
         image_hidden_states: `[batch, image_tokens, decoder_hidden]` image tokens the decoder attends to; pass them
             back as `image_hidden_states` to skip the image tower.
@@ -48,7 +49,7 @@ class NLIPCaptioningOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     per_sample_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -117,7 +118,8 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         self.vision_model = build_tower(config.vision_config)
         config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         self.vision_model.config = config.vision_config
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        vision_width = tower_hidden_size(self.vision_model)
+        self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
         try:
             self.text_decoder = AutoModelForCausalLM.from_config(config.decoder_config)
         except ValueError as err:
@@ -127,7 +129,7 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
             ) from err
         config.decoder_config._attn_implementation = self.text_decoder.config._attn_implementation
         self.text_decoder.config = config.decoder_config
-        vision_width, decoder_width = config.vision_config.hidden_size, config.decoder_config.hidden_size
+        decoder_width = config.decoder_config.hidden_size
         self.enc_to_dec_proj = nn.Linear(vision_width, decoder_width) if vision_width != decoder_width else None
 
     def _special_token_id(self, name: str) -> int | None:
@@ -158,7 +160,7 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         self._init_concept_bank_weights(module)
         factor = self.config.initializer_factor
         if module is self.visual_projection or module is self.enc_to_dec_proj:
-            init.normal_(module.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif module is getattr(self, "text_projection", None):
@@ -186,7 +188,9 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         self.text_decoder.set_output_embeddings(new_embeddings)
 
     def image_hidden_states(self, vision_last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """The image tokens the decoder cross-attends to: the tower's last hidden states, projected to its width."""
+        """The image tokens the decoder cross-attends to: the tower's last hidden states (a CNN's feature map
+        `[batch, channels, height, width]` as `height * width` tokens), projected to its width."""
+        vision_last_hidden_state = image_tokens(vision_last_hidden_state)
         if self.enc_to_dec_proj is None:
             return vision_last_hidden_state
         return self.enc_to_dec_proj(vision_last_hidden_state)
@@ -200,7 +204,7 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         labels: torch.LongTensor | None = None,
         concept_input_ids: torch.LongTensor | None = None,
         concept_attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         sample_weights: torch.Tensor | None = None,
@@ -214,7 +218,7 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
             raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
         prefix_length = 0
         if concept_input_ids is not None:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("`concept_input_ids` can only be given on the first call, not with a filled cache.")
             prefix_length = concept_input_ids.shape[1]
             if concept_attention_mask is None:
@@ -233,15 +237,15 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left-padded prefixes get the same positions as unpadded ones.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
             # generate() hands decoder-only models a DynamicCache; cross-attention needs its own cache next to it.
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config.decoder_config))
+            cache = EncoderDecoderCache(cache, DynamicCache(config=self.config.decoder_config))
         outputs = self.text_decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             encoder_hidden_states=image_hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             return_dict=True,
@@ -255,7 +259,7 @@ class NLIPCaptioningPreTrainedModel(NLIPConceptBankMixin, NLIPPreTrainedModel):
 
 class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
     """
-    Concept-conditioned image captioner (NLIP's noise-completion captioner, DESIGN §4.3): the image tower of
+    Concept-conditioned image captioner (NLIP's noise-completion captioner): the image tower of
     [`NLIPModel`] and a causal text decoder (default BERT, any transformers causal LM with cross-attention) that
     attends to the image tokens and reads the image's concepts as a prefix.
 
@@ -280,6 +284,7 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
         self.text_decoder.set_input_embeddings(value)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
@@ -290,7 +295,7 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
         concept_input_ids: torch.LongTensor | None = None,
         concept_attention_mask: torch.Tensor | None = None,
         image_hidden_states: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         sample_weights: torch.Tensor | None = None,
@@ -330,7 +335,7 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
             labels=labels,
             concept_input_ids=concept_input_ids,
             concept_attention_mask=concept_attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             sample_weights=sample_weights,
@@ -341,7 +346,7 @@ class NLIPForCaptioning(NLIPCaptioningPreTrainedModel, GenerationMixin):
             loss=loss,
             per_sample_loss=per_sample_loss,
             logits=decoder_outputs.logits,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             hidden_states=decoder_outputs.hidden_states,
             attentions=decoder_outputs.attentions,
             cross_attentions=getattr(decoder_outputs, "cross_attentions", None),

@@ -174,7 +174,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
     """
     All NLIP modules — image and text towers with projections (`NLIPModel`'s names), the captioning decoder
     (`NLIPForCaptioning`'s names), the concept bank, and an optional masked-image reconstruction decoder — computing
-    NLIP's objective `L = itc_weight·L_ITC + lm_weight·L_LM + ir_weight·L_IR` (DESIGN §4.3).
+    NLIP's objective `L = itc_weight·L_ITC + lm_weight·L_LM + ir_weight·L_IR`.
     """
 
     # The checkpoint also loads, through remote code, into the other heads (same weight names).
@@ -194,7 +194,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
     def __init__(self, config: NLIPConfig):
         super().__init__(config)
         self._init_vision_and_decoder(config)
-        self.text_model = build_tower(config.text_config)
+        self.text_model = build_tower(config.text_config, config.text_pooling)
         config.text_config._attn_implementation = self.text_model.config._attn_implementation
         self.text_model.config = config.text_config
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
@@ -229,6 +229,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         for name in ("vision_model", "visual_projection", "text_decoder", "enc_to_dec_proj"):
             setattr(view, name, getattr(self, name))
         view.concept_embeds = self.concept_embeds
+        view._frozen_modules = getattr(self, "_frozen_modules", [])  # towers locked by `freeze_towers` stay in eval
         return view.train(self.training)
 
     def _masked_image_reconstruction(self, pixel_values: torch.Tensor, noise: torch.Tensor | None):

@@ -6,11 +6,19 @@ Every pair is scored (see `scripts/pair_scoring.py`): the cosine similarity of i
 loss against one fixed random set of negatives, and the noise probability a 2-component GMM over those losses gives
 it. The image's top concepts are retrieved from the model's concept bank (or a mined/given vocabulary), and pairs
 flagged as likely noisy get a suggested caption when a captioner is available (the checkpoint itself when it has a
-decoder, or --captioner_name_or_path).
+decoder, or --captioner_name_or_path). Each suggested caption is scored like the original one (its similarity to the
+image under the scoring model), so the report shows whether it fits the image better.
 
-Writes into --output_dir: `audit.parquet` and `audit.csv` (one row per pair, most suspicious first),
-`audit_report.html` (self-contained: summary numbers, then the most suspicious pairs with thumbnails, their caption
-and the suggested one) and `audit_summary.json`.
+Writes into --output_dir:
+
+- `audit.parquet`: one row per pair, most suspicious first, with the pair's image as a `datasets.Image` feature
+  (`datasets.load_dataset("parquet", data_files="audit/audit.parquet")` gives the images back; `--export_images
+  false` leaves them out); `audit.csv`: the same without images (cells that a spreadsheet would run as a formula are
+  prefixed with a quote);
+- `audit_report.html`: one self-contained page (no network access: images, plot and script are inlined) with the
+  summary, the loss distribution with the fitted mixture, and the most suspicious pairs in a table that sorts (click a
+  header), filters (noise probability, ground truth, suggested captions) and searches; click an image to enlarge it;
+- `audit_loss_distribution.png` (the plot) and `audit_summary.json`.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
+from scripts.cli import add_version_argument, parse_command_line
+from scripts.audit_report import REPORT_HTML
 from scripts.data_arguments import SPLITS, DataArguments, iter_captions, load_pairs
-from scripts.evaluate import generate_captions
+from scripts.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, generate_captions
 from scripts.model_arguments import concept_vocabulary, load_checkpoint
 from scripts.pair_scoring import PairScores, concept_bank, score_pairs, top_concepts
 from trainers.data import column_values, decode_image, non_empty_captions, to_rgb
+from trainers.evaluation import compute_text_embeddings
 from trainers.metrics import noise_detection_metrics
+from trainers.noise_plot import plot_loss_distribution
 
 logger = logging.getLogger("nlip.audit")
 
@@ -49,6 +61,9 @@ DESCRIPTION = (
 # Columns copied from the data into the table when present: they tell the user which file a pair is.
 ID_COLUMNS = ("file_name", "key", "category", "label", "emoji")
 TABLE_NAME, REPORT_NAME, SUMMARY_NAME = "audit", "audit_report.html", "audit_summary.json"
+PLOT_NAME = "audit_loss_distribution.png"
+# First characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass
@@ -86,12 +101,26 @@ class AuditArguments:
     max_suggestions: int = field(
         default=200, metadata={"help": "The most suggested captions written (to the most suspicious pairs first)."}
     )
-    num_beams: int = field(default=1, metadata={"help": "Beam width of the suggested captions (1: greedy)."})
-    max_new_tokens: int = field(default=20, metadata={"help": "The most tokens of a suggested caption."})
+    num_beams: int = field(
+        default=DEFAULT_NUM_BEAMS,
+        metadata={"help": "Beam width of the suggested captions (1: greedy); the same default in nlip-caption, "
+                          "nlip-eval and nlip-audit."},
+    )
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "The most tokens of a suggested caption."})
     report_rows: int = field(
         default=200, metadata={"help": "Pairs shown in the HTML report, most suspicious first (the tables hold all)."}
     )
     thumbnail_size: int = field(default=96, metadata={"help": "Longest side of the report's thumbnails, in pixels."})
+    enlarged_size: int = field(
+        default=384,
+        metadata={"help": "Longest side, in pixels, of the image embedded per report row and shown when it is clicked "
+                          "(smaller images are shown scaled up)."},
+    )
+    export_images: bool = field(
+        default=True,
+        metadata={"help": "Store each pair's image in audit.parquet as a datasets Image feature (False: a smaller "
+                          "table without images)."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Pairs per forward pass."})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available, else cpu)."})
     seed: int = field(default=0, metadata={"help": "Seed of the negative set and of the noise GMM."})
@@ -102,8 +131,8 @@ class AuditArguments:
             raise ValueError(f"--split must be one of {list(SPLITS)}, got {self.split!r}.")
         if not 0.0 <= self.suggest_threshold <= 1.0:
             raise ValueError(f"--suggest_threshold must be in [0, 1], got {self.suggest_threshold}.")
-        for name in ("num_negatives", "report_rows", "thumbnail_size", "batch_size", "num_beams", "max_new_tokens",
-                     "max_concepts"):
+        for name in ("num_negatives", "report_rows", "thumbnail_size", "enlarged_size", "batch_size", "num_beams",
+                     "max_new_tokens", "max_concepts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("num_concepts", "max_suggestions"):
@@ -127,8 +156,9 @@ def retrieved_concepts(checkpoint, dataset: datasets.Dataset, scores: PairScores
     return None if bank is None else top_concepts(scores.image_embeds, bank, args.num_concepts)
 
 
-def suggested_captions(args: AuditArguments, checkpoint, dataset: datasets.Dataset, rows: list[int]) -> dict[int, str]:
-    """A generated caption for each dataset row in `rows` (`{row: caption}`), or `{}` without a captioner."""
+def load_captioner(args: AuditArguments, checkpoint):
+    """The checkpoint that writes suggested captions (`--captioner_name_or_path`, else the audited one when it has a
+    decoder) and its name, or `(None, None)`."""
     if args.captioner_name_or_path is not None:
         captioning = load_checkpoint(args.captioner_name_or_path, "--captioner_name_or_path").to(args.device)
         if captioning.captioner is None:
@@ -136,18 +166,37 @@ def suggested_captions(args: AuditArguments, checkpoint, dataset: datasets.Datas
                 f"--captioner_name_or_path {args.captioner_name_or_path!r} has no captioning decoder (it is a "
                 f"{captioning.architecture}); pass an NLIPForCaptioning or NLIPForPreTraining checkpoint."
             )
-    elif checkpoint.captioner is not None:
-        captioning = checkpoint
-    else:
-        logger.info("No captioner (the checkpoint has no decoder and no --captioner_name_or_path): no suggested captions.")
-        return {}
-    if not rows:
+        return captioning, args.captioner_name_or_path
+    if checkpoint.captioner is not None:
+        return checkpoint, args.model_name_or_path
+    logger.info("No captioner (the checkpoint has no decoder and no --captioner_name_or_path): no suggested captions.")
+    return None, None
+
+
+def suggested_captions(args: AuditArguments, captioning, dataset: datasets.Dataset, rows: list[int]) -> dict[int, str]:
+    """A generated caption for each dataset row in `rows` (`{row: caption}`), or `{}` without a captioner."""
+    if captioning is None or not rows:
         return {}
     captions = generate_captions(
         captioning.captioner, captioning.processor, dataset.select(rows), batch_size=args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, progress=not args.disable_tqdm,
     )
     return dict(zip(rows, captions))
+
+
+def suggestion_similarities(checkpoint, scores: PairScores, dataset: datasets.Dataset, suggestions: dict[int, str],
+                            args: AuditArguments) -> dict[int, float]:
+    """`{row: cosine similarity of the suggested caption and the row's image}` under the scoring model, comparable
+    with the `similarity` of the pair's own caption."""
+    if not suggestions:
+        return {}
+    rows = list(suggestions)
+    texts = compute_text_embeddings(checkpoint.encoder, [suggestions[row] for row in rows], checkpoint.processor,
+                                    batch_size=args.batch_size, progress=False)
+    indices = np.asarray(column_values(dataset, "index"), dtype=np.int64)[rows]
+    positions = np.searchsorted(scores.index, indices)
+    images = scores.image_embeds[torch.as_tensor(positions)].float()
+    return dict(zip(rows, (images * texts.to(images.device)).sum(-1).tolist()))
 
 
 def dataset_rows(dataset: datasets.Dataset, indices: np.ndarray) -> list[int]:
@@ -162,10 +211,34 @@ def suspicion_order(scores: PairScores) -> np.ndarray:
     return np.lexsort((-scores.loss, -scores.noise_prob))
 
 
+def relative_path(path: str | None, roots: list[str]) -> str | None:
+    """`path` relative to the first of `roots` (the data folders) holding it; unchanged when none does."""
+    if not path:
+        return None
+    absolute = os.path.abspath(path)
+    for root in roots:
+        root = os.path.abspath(root)
+        if os.path.commonpath([absolute, root]) == root:
+            return os.path.relpath(absolute, root).replace(os.sep, "/")
+    return path
+
+
+def data_roots(data_args: DataArguments) -> list[str]:
+    """Folders that image paths are shown relative to: --eval_dir, --train_dir, a local --dataset_name folder."""
+    candidates = [getattr(data_args, name, None) for name in ("eval_dir", "train_dir", "dataset_name")]
+    return [path for path in candidates if path and os.path.isdir(path)]
+
+
 def build_table(
-    dataset: datasets.Dataset, scores: PairScores, concepts: list[list[str]] | None, suggestions: dict[int, str]
+    dataset: datasets.Dataset,
+    scores: PairScores,
+    concepts: list[list[str]] | None,
+    suggestions: dict[int, str],
+    suggestion_scores: dict[int, float] | None = None,
+    roots: list[str] | None = None,
 ) -> pd.DataFrame:
-    """One row per scored pair, most suspicious first; `row` is the pair's row in `dataset`."""
+    """One row per scored pair, most suspicious first; `row` is the pair's row in `dataset`. Pairs without a
+    suggested caption hold None (not NaN) there."""
     order = suspicion_order(scores)
     rows = dataset_rows(dataset, scores.index[order])
     texts = column_values(dataset, "text")
@@ -180,11 +253,15 @@ def build_table(
     })
     if concepts is not None:
         table["concepts"] = [concepts[position] for position in order]
-    table["suggested_caption"] = [suggestions.get(row) for row in rows]
+    table["suggested_caption"] = pd.Series([suggestions.get(row) for row in rows], dtype=object)
+    suggestion_scores = suggestion_scores or {}
+    suggested = np.array([suggestion_scores.get(row, np.nan) for row in rows], dtype=np.float64)
+    table["suggested_similarity"] = suggested
+    table["similarity_gain"] = suggested - table["similarity"].to_numpy()
     paths = [value.get("path") for value in
              column_values(dataset.cast_column("image", datasets.Image(decode=False)), "image")]
     if any(paths):
-        table["image_file"] = [paths[row] for row in rows]
+        table["image_file"] = pd.Series([relative_path(paths[row], roots or []) for row in rows], dtype=object)
     for column in (*ID_COLUMNS, "is_noisy"):
         if column in dataset.column_names:
             values = column_values(dataset, column)
@@ -195,11 +272,19 @@ def build_table(
     return table
 
 
-def audit_summary(table: pd.DataFrame, scores: PairScores, num_pairs: int, args: AuditArguments) -> dict[str, Any]:
+def audit_summary(table: pd.DataFrame, scores: PairScores, num_pairs: int, args: AuditArguments,
+                  captioner_name: str | None = None, architectures: dict[str, str] | None = None) -> dict[str, Any]:
     """Summary numbers of the audit, with noise-detection metrics when the `is_noisy` ground truth is known."""
     flagged = table["noise_prob"] > 0.5
+    with_suggestion = table["suggested_caption"].notna()
+    gains = table.loc[with_suggestion, "similarity_gain"].dropna()
+    architectures = architectures or {}
     summary: dict[str, Any] = {
         "model_name_or_path": args.model_name_or_path,
+        "scorer": {"name_or_path": args.model_name_or_path, "architecture": architectures.get("scorer")},
+        "captioner": ({"name_or_path": captioner_name, "architecture": architectures.get("captioner"),
+                       "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+                      if captioner_name else None),
         "pairs_in_data": num_pairs,
         "pairs_scored": len(table),
         "pairs_not_scored": num_pairs - len(table),
@@ -211,12 +296,13 @@ def audit_summary(table: pd.DataFrame, scores: PairScores, num_pairs: int, args:
         "gmm_loss_threshold": scores.estimate.loss_threshold,
         "gmm_fallback_reason": scores.estimate.reason,
         "num_negatives": min(args.num_negatives, len(table)),
-        "suggested_captions": int(table["suggested_caption"].notna().sum()),
+        "suggested_captions": int(with_suggestion.sum()),
+        "suggested_captions_more_similar": int((gains > 0).sum()),
+        "mean_similarity_gain_of_suggestions": float(gains.mean()) if len(gains) else None,
     }
     if "is_noisy" in table and table["is_noisy"].nunique() == 2:
         truth = np.array(table["is_noisy"], dtype=bool)
         detection = noise_detection_metrics(np.array(table["noise_prob"], dtype=np.float64), truth)
-        top = min(args.report_rows, len(table))
         summary.update({
             "true_noisy_fraction": detection["true_noisy_fraction"],
             # Ranking quality: the table's order (noise probability, ties by loss) follows the loss.
@@ -224,116 +310,154 @@ def audit_summary(table: pd.DataFrame, scores: PairScores, num_pairs: int, args:
             "precision": detection["precision"],
             "recall": detection["recall"],
             "f1": detection["f1"],
-            f"noisy_fraction_in_top_{top}": float(truth[:top].mean()),
         })
+        top = min(args.report_rows, len(table))
+        if top < len(table):  # with every pair shown, "noisy among the top N" is the true noisy fraction again
+            summary[f"noisy_fraction_in_top_{top}"] = float(truth[:top].mean())
     return summary
 
 
-def thumbnail_uri(value: Any, size: int) -> str | None:
-    """The image as a base64 PNG data URI, at most `size` px on its longer side (None when it cannot be decoded)."""
+def image_uri(value: Any, size: int) -> str | None:
+    """The image as a base64 data URI (PNG, or JPEG for photos larger than 64 px), at most `size` px on its longer
+    side (None when it cannot be decoded)."""
     image, _, _ = decode_image(value)
     if image is None:
         return None
     image = to_rgb(image).copy()
     image.thumbnail((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    kind = "png" if max(image.size) <= 64 else "jpeg"
+    image.save(buffer, format=kind.upper(), **({"quality": 88} if kind == "jpeg" else {}))
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-REPORT_TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>NLIP dataset audit: {{ dataset }}</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem; color: #1f2328; }
-h1 { font-size: 1.5rem; margin-bottom: .25rem; }
-.meta { color: #59636e; margin-bottom: 1.5rem; }
-.cards { display: flex; flex-wrap: wrap; gap: .75rem; margin-bottom: 1.5rem; }
-.card { border: 1px solid #d1d9e0; border-radius: 6px; padding: .6rem .9rem; min-width: 9rem; }
-.card .value { font-size: 1.3rem; font-weight: 600; }
-.card .label { font-size: .8rem; color: #59636e; }
-table { border-collapse: collapse; width: 100%; }
-th, td { border-bottom: 1px solid #d1d9e0; padding: .45rem .6rem; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; position: sticky; top: 0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-img { display: block; border-radius: 4px; }
-.bar { background: #eff2f5; border-radius: 3px; height: .45rem; width: 6rem; margin-top: .25rem; }
-.bar span { display: block; height: 100%; border-radius: 3px; background: #cf222e; }
-.suggested { color: #1a7f37; }
-.concepts { color: #59636e; font-size: .9rem; }
-.tag { border-radius: 1rem; padding: .05rem .5rem; font-size: .8rem; }
-.tag.noisy { background: #ffebe9; color: #a40e26; }
-.tag.clean { background: #dafbe1; color: #116329; }
-.note { color: #59636e; font-size: .85rem; margin-top: 1rem; }
-</style>
-</head>
-<body>
-<h1>Dataset audit: {{ dataset }}</h1>
-<div class="meta">Model <code>{{ summary.model_name_or_path }}</code> &middot; split <code>{{ split }}</code></div>
-<div class="cards">
-{% for label, value in cards %}<div class="card"><div class="value">{{ value }}</div><div class="label">{{ label }}</div></div>
-{% endfor %}</div>
-<table>
-<thead><tr><th>#</th><th>Image</th><th>Caption</th><th>Noise prob.</th><th>Similarity</th>{% if has_concepts %}<th>Concepts</th>{% endif %}<th>Suggested caption</th>{% if has_truth %}<th>Ground truth</th>{% endif %}<th>Pair</th></tr></thead>
-<tbody>
-{% for row in rows %}<tr>
-<td class="num">{{ row.rank }}</td>
-<td>{% if row.thumbnail %}<img src="{{ row.thumbnail }}" alt="pair {{ row.index }}">{% else %}(undecodable){% endif %}</td>
-<td>{{ row.caption }}</td>
-<td class="num">{{ "%.3f"|format(row.noise_prob) }}<div class="bar"><span style="width: {{ (100 * row.noise_prob)|round(1) }}%"></span></div></td>
-<td class="num">{{ "%.3f"|format(row.similarity) }}</td>
-{% if has_concepts %}<td class="concepts">{{ row.concepts|join(", ") }}</td>{% endif %}
-<td class="suggested">{{ row.suggested_caption or "" }}</td>
-{% if has_truth %}<td><span class="tag {{ 'noisy' if row.is_noisy else 'clean' }}">{{ 'noisy' if row.is_noisy else 'clean' }}</span></td>{% endif %}
-<td>{{ row.name }}</td>
-</tr>
-{% endfor %}</tbody>
-</table>
-<p class="note">Showing the {{ rows|length }} most suspicious of {{ summary.pairs_scored }} pairs; all are in audit.parquet / audit.csv.
-Noise probability: posterior of the high-loss component of a 2-component Gaussian mixture fit to each pair's contrastive
-loss against {{ summary.num_negatives }} fixed random negatives.</p>
-</body>
-</html>
-""")
+# Kept for callers of the previous name.
+def thumbnail_uri(value: Any, size: int) -> str | None:
+    return image_uri(value, size)
 
 
-def render_report(table: pd.DataFrame, dataset: datasets.Dataset, summary: dict[str, Any], args: AuditArguments,
-                  dataset_name: str) -> str:
-    """The self-contained HTML report of the first `report_rows` rows of `table` (thumbnails inlined)."""
-    shown = table.head(args.report_rows)
-    images = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    rows = []
-    for record in tqdm(shown.to_dict("records"), desc="Report thumbnails", disable=args.disable_tqdm):
-        name = next((str(record[c]) for c in ("file_name", "key", "image_file") if record.get(c)), f"index {record['index']}")
-        rows.append({**record, "name": name, "thumbnail": thumbnail_uri(images[int(record["row"])]["image"], args.thumbnail_size)})
+def _known(value: Any) -> Any:
+    """None for missing values (None, NaN, pandas NA), the value otherwise: what the report template may print."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return list(value)
+    try:
+        return None if pd.isna(value) else value
+    except (TypeError, ValueError):
+        return value
+
+
+REPORT_TEMPLATE = jinja2.Environment(autoescape=True).from_string(REPORT_HTML)
+
+
+def _plot_uri(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as file:
+        return "data:image/png;base64," + base64.b64encode(file.read()).decode("ascii")
+
+
+def _cards(summary: dict[str, Any]) -> list[tuple[str, str]]:
     cards = [("pairs scored", f"{summary['pairs_scored']:,}"),
              ("estimated noisy fraction", f"{summary['estimated_noisy_fraction']:.1%}"),
              ("pairs flagged (p > 0.5)", f"{summary['estimated_noisy_pairs']:,}"),
              ("mean noise probability", f"{summary['mean_noise_prob']:.3f}")]
-    if summary["pairs_not_scored"]:
-        cards.append(("pairs not scored (broken)", f"{summary['pairs_not_scored']:,}"))
+    skipped = _skipped_block(summary)
+    not_scored = max(summary["pairs_not_scored"], skipped["total"] if skipped else 0)
+    if not_scored:
+        cards.append(("pairs not scored (broken, see below)", f"{not_scored:,}"))
     if "roc_auc" in summary:
-        top = next(key for key in summary if key.startswith("noisy_fraction_in_top_"))
-        cards += [("ROC-AUC vs. ground truth", f"{summary['roc_auc']:.3f}"),
-                  (f"truly noisy among the top {top.rsplit('_', 1)[-1]}", f"{summary[top]:.1%}"),
-                  ("true noisy fraction", f"{summary['true_noisy_fraction']:.1%}")]
+        cards.append(("ROC-AUC vs. ground truth", f"{summary['roc_auc']:.3f}"))
+        top = next((key for key in summary if key.startswith("noisy_fraction_in_top_")), None)
+        if top is not None:
+            cards.append((f"truly noisy among the top {top.rsplit('_', 1)[-1]}", f"{summary[top]:.1%}"))
+        cards.append(("true noisy fraction", f"{summary['true_noisy_fraction']:.1%}"))
     if summary["suggested_captions"]:
         cards.append(("suggested captions", f"{summary['suggested_captions']:,}"))
-    return REPORT_TEMPLATE.render(dataset=dataset_name, split=args.split, summary=summary, cards=cards, rows=rows,
-                                  has_concepts="concepts" in table, has_truth="is_noisy" in table)
+        cards.append(("suggestions closer to the image than the caption",
+                      f"{summary['suggested_captions_more_similar']:,} of {summary['suggested_captions']:,}"))
+    return cards
 
 
-def write_outputs(table: pd.DataFrame, html: str, summary: dict[str, Any], output_dir: str) -> dict[str, str]:
+def _skipped_block(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The load-time skip counts (`summary["skipped_pairs"]`: reason -> count, plus `files`), or None when there are
+    none to show."""
+    skipped = summary.get("skipped_pairs")
+    if not isinstance(skipped, dict):
+        return None
+    reasons = [(str(reason), int(count)) for reason, count in skipped.items()
+               if reason != "files" and isinstance(count, (int, float)) and not isinstance(count, bool) and count > 0]
+    files = [str(path) for path in skipped.get("files") or []]
+    if not reasons and not files:
+        return None
+    return {"reasons": reasons, "total": sum(count for _, count in reasons), "files": files}
+
+
+def render_report(table: pd.DataFrame, dataset: datasets.Dataset, summary: dict[str, Any], args: AuditArguments,
+                  dataset_name: str, plot_path: str | None = None) -> str:
+    """The self-contained HTML report of the first `report_rows` rows of `table` (images, plot and script inlined)."""
+    shown = table.head(args.report_rows)
+    images = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    rows = []
+    for record in tqdm(shown.to_dict("records"), desc="Report images", disable=args.disable_tqdm):
+        record = {key: _known(value) for key, value in record.items()}
+        name = next((str(record[c]) for c in ("file_name", "key", "image_file") if record.get(c)), f"index {record['index']}")
+        rows.append({**record, "name": name, "image": image_uri(images[int(record["row"])]["image"], args.enlarged_size)})
+    has_truth = "is_noisy" in table
+    return REPORT_TEMPLATE.render(
+        dataset=dataset_name, split=args.split, summary=summary, cards=_cards(summary), rows=rows,
+        has_concepts="concepts" in table, has_truth=has_truth, has_suggestions=bool(summary["suggested_captions"]),
+        thumbnail_size=args.thumbnail_size, plot=_plot_uri(plot_path), skipped=_skipped_block(summary),
+        all_shown=len(rows) == len(table),
+    )
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (starting with = + - @, tab or carriage return) prefixed
+    with a single quote, as OWASP recommends against CSV injection; other values unchanged."""
+    if isinstance(value, str) and value[:1] in FORMULA_PREFIXES:
+        return "'" + value
+    return value
+
+
+def table_dataset(table: pd.DataFrame, dataset: datasets.Dataset) -> datasets.Dataset:
+    """The table as a `datasets.Dataset` with each pair's image (encoded bytes) as an `Image` feature."""
+    images = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    values = []
+    for row, path in zip(table["row"], table.get("image_file", [None] * len(table))):
+        value = dict(images[int(row)]["image"] or {})
+        data = value.get("bytes")
+        if data is None and value.get("path") and os.path.isfile(value["path"]):
+            with open(value["path"], "rb") as file:
+                data = file.read()
+        values.append({"bytes": data, "path": _known(path) or None} if data is not None else None)
+    frame = table.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object or str(frame[column].dtype).startswith(("string", "str")):
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    exported = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    return exported.add_column("image", values, feature=datasets.Image())
+
+
+def write_outputs(table: pd.DataFrame, html: str, summary: dict[str, Any], output_dir: str,
+                  dataset: datasets.Dataset | None = None) -> dict[str, str]:
+    """Write the Parquet table (with images when `dataset` is given), the CSV, the report and the summary."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {kind: os.path.join(output_dir, name) for kind, name in (
         ("parquet", f"{TABLE_NAME}.parquet"), ("csv", f"{TABLE_NAME}.csv"), ("html", REPORT_NAME), ("summary", SUMMARY_NAME))}
-    table.to_parquet(paths["parquet"], index=False)
+    if dataset is not None:
+        table_dataset(table, dataset).to_parquet(paths["parquet"])
+    else:
+        table.to_parquet(paths["parquet"], index=False)
     flat = table.copy()
     if "concepts" in flat:
-        flat["concepts"] = flat["concepts"].map("; ".join)
-    flat.to_csv(paths["csv"], index=False)
+        flat["concepts"] = flat["concepts"].map(lambda names: "; ".join(names) if isinstance(names, (list, tuple, np.ndarray)) else names)
+    for column in flat.columns:
+        if not pd.api.types.is_numeric_dtype(flat[column]) or pd.api.types.is_bool_dtype(flat[column]):
+            flat[column] = flat[column].astype(object).map(csv_safe)
+    # RFC 4180 line ends: a caption holding a carriage return is then quoted, not split across rows
+    flat.to_csv(paths["csv"], index=False, lineterminator="\r\n")
     with open(paths["html"], "w", encoding="utf-8") as file:
         file.write(html)
     with open(paths["summary"], "w", encoding="utf-8") as file:
@@ -344,8 +468,10 @@ def write_outputs(table: pd.DataFrame, html: str, summary: dict[str, Any], outpu
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the command with `argv` (default: `sys.argv[1:]`); returns its report when `argv` is given (in-process use)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((AuditArguments, DataArguments), prog="nlip-audit", description=DESCRIPTION)
-    args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = add_version_argument(
+        HfArgumentParser((AuditArguments, DataArguments), prog="nlip-audit", description=DESCRIPTION)
+    )
+    (args, data_args), _ = parse_command_line(parser, argv)
     if args.disable_tqdm:
         datasets.disable_progress_bars()
     set_seed(args.seed)
@@ -356,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "nlip-audit scores pairs with a dual encoder: pass an NLIPModel, NLIPForPreTraining or CLIP checkpoint "
             "(and the captioner as --captioner_name_or_path)."
         )
-    data = load_pairs(data_args, noise_split=args.split)
+    data = load_pairs(data_args, noise_split=args.split, splits=(args.split,))
     dataset = data.split(args.split)
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError("nlip-audit needs map-style data to look pairs up: drop --streaming.")
@@ -367,16 +493,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     order = suspicion_order(scores)
     flagged = order[scores.noise_prob[order] >= args.suggest_threshold][: args.max_suggestions]
     candidates = dataset_rows(dataset, scores.index[flagged])
-    suggestions = suggested_captions(args, checkpoint, dataset, candidates)
-    table = build_table(dataset, scores, concepts, suggestions)
-    summary = audit_summary(table, scores, len(dataset), args)
-    html = render_report(table, dataset, summary, args, data.name)
-    paths = write_outputs(table, html, summary, args.output_dir)
+    captioning, captioner_name = load_captioner(args, checkpoint)
+    suggestions = suggested_captions(args, captioning, dataset, candidates)
+    suggestion_scores = suggestion_similarities(checkpoint, scores, dataset, suggestions, args)
+    table = build_table(dataset, scores, concepts, suggestions, suggestion_scores, data_roots(data_args))
+    architectures = {"scorer": checkpoint.architecture,
+                     "captioner": captioning.architecture if captioning is not None else None}
+    summary = audit_summary(table, scores, len(dataset), args, captioner_name, architectures)
+    # The pairs the loader left out (missing / undecodable / too large images, empty captions, unlisted images,
+    # truncated shards): reason -> count, plus the broken files.
+    report = data.skip_reports.get(args.split)
+    summary["skipped_pairs"] = report.to_dict() if report is not None else {"files": []}
+    os.makedirs(args.output_dir, exist_ok=True)
+    plot_path = os.path.join(args.output_dir, PLOT_NAME)
+    truth = np.asarray(column_values(dataset, "is_noisy"), dtype=bool)[dataset_rows(dataset, scores.index)] \
+        if "is_noisy" in dataset.column_names else None
+    plot_loss_distribution(scores.loss, scores.estimate, plot_path, is_noisy=truth,
+                           title=f"Per-pair loss against {summary['num_negatives']} fixed negatives and the fitted GMM",
+                           xlabel="per-pair contrastive loss")
+    html = render_report(table, dataset, summary, args, data.name, plot_path)
+    paths = write_outputs(table, html, summary, args.output_dir, dataset if args.export_images else None)
+    paths["plot"] = plot_path
 
     print(f"Audited {summary['pairs_scored']} pairs of {data.name} ({args.split}) with {args.model_name_or_path}")
     for key, value in summary.items():
         if isinstance(value, float):
-            print(f"  {key:<32} {value:.4f}")
+            print(f"  {key:<36} {value:.4f}")
     columns = [c for c in ("rank", "noise_prob", "similarity", "caption", "suggested_caption", "is_noisy") if c in table]
     print("Most suspicious pairs:")
     print(table[columns].head(10).to_string(index=False, max_colwidth=48))

@@ -22,6 +22,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
+from scripts.cli import add_version_argument, parse_command_line
+from scripts.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS
 from scripts.model_arguments import load_checkpoint
 from trainers.data import to_rgb
 
@@ -49,8 +51,11 @@ class CaptionArguments:
         metadata={"help": f"Where to write the captions; the extension picks the format: {list(OUTPUT_FORMATS)}."},
     )
     batch_size: int = field(default=16, metadata={"help": "Images captioned per generate() call."})
-    num_beams: int = field(default=3, metadata={"help": "Beam width (1: greedy decoding)."})
-    max_new_tokens: int = field(default=30, metadata={"help": "The most tokens of a caption."})
+    num_beams: int = field(
+        default=DEFAULT_NUM_BEAMS,
+        metadata={"help": "Beam width (1: greedy decoding); the same default in nlip-caption, nlip-eval and nlip-audit."},
+    )
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "The most tokens of a caption."})
     num_concepts: int = field(
         default=5,
         metadata={"help": "Concepts retrieved from the model's concept bank and listed per image (0: none). Whether "
@@ -146,8 +151,8 @@ def write_records(records: list[dict[str, Any]], output_file: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the command with `argv` (default: `sys.argv[1:]`); returns its report when `argv` is given (in-process use)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser(CaptionArguments, prog="nlip-caption", description=DESCRIPTION)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser = add_version_argument(HfArgumentParser(CaptionArguments, prog="nlip-caption", description=DESCRIPTION))
+    (args,), _ = parse_command_line(parser, argv)
     set_seed(args.seed)
     files = find_images(args.image_dir)
     checkpoint = load_checkpoint(args.model_name_or_path).to(args.device)

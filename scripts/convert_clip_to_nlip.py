@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 from modeling_nlip import convert_clip_processor, convert_clip_to_nlip
+from scripts.cli import add_version_argument
 from modeling_nlip.conversion_clip import embedding_parity
 
 logger = logging.getLogger("nlip.convert")
@@ -40,7 +41,8 @@ def parity_inputs(processor: CLIPProcessor) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    parser = add_version_argument(HfArgumentParser(ConvertArguments, prog="nlip-convert"))
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     clip = CLIPModel.from_pretrained(args.clip_model).eval()
     nlip = convert_clip_to_nlip(clip)
     nlip.save_pretrained(args.output_dir)

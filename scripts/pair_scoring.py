@@ -6,7 +6,7 @@ Noise probability, our choice: each pair's symmetric InfoNCE loss is computed ag
 negatives (`num_negatives` other pairs of the dataset, drawn once with `seed`), not within shuffled batches. Every pair
 then meets the same negatives, so scores do not depend on batch composition or order, a re-run gives the same numbers,
 and the cost is one embedding pass plus an `N x K` similarity product. The 2-component GMM of training
-(`trainers.noise_estimation.CleanProbabilityEstimator`, DESIGN §4.1) is fit to these losses; the posterior of the
+(`trainers.noise_estimation.CleanProbabilityEstimator`) is fit to these losses; the posterior of the
 high-loss component is the pair's noise probability.
 """
 
@@ -91,7 +91,9 @@ def score_pairs(
     image_embeds, text_embeds = embeddings.image_embeds[order], embeddings.text_embeds[order]
     logit_scale = float(model.logit_scale.detach().exp())
     losses = fixed_negative_losses(image_embeds, text_embeds, logit_scale, num_negatives, seed)
-    estimate = CleanProbabilityEstimator(seed=seed).fit(losses)
+    # Scoring reports every fit, even one that calls most pairs noisy: the ranking by loss is what an audit needs
+    # (the training guard `max_noisy_fraction` protects the loss weights, not a report).
+    estimate = CleanProbabilityEstimator(seed=seed, max_noisy_fraction=1.0).fit(losses)
     if estimate.reason is not None:
         logger.warning("The noise GMM fell back (%s): every pair gets noise probability 0.", estimate.reason)
     return PairScores(

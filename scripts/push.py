@@ -3,20 +3,30 @@
     nlip-push --checkpoint_dir outputs/nlip-fmnist --repo_id my-name/nlip-fmnist
 
 The folder is uploaded as it is (weights, config, the remote-code files, processor files), with a README model card:
-the folder's own README.md when it has one; otherwise one rendered from its `nlip_training_summary.json` (written by
-the trainer, schema: `trainers.model_card.TrainingSummary`), or a minimal card when there is no summary. That README
-is written into the folder before the upload.
+one rendered from its `nlip_training_summary.json` (written by the trainer, schema:
+`trainers.model_card.TrainingSummary`) with the repo id in its loading snippets, unless the folder's README.md was
+written by hand (then it is kept as it is), or a minimal card when there is no summary. That README is written into
+the folder before the upload.
+
+Hub problems (offline, no or a read-only token, no access to the namespace) end the command with a one-line error and
+exit status 1, not a traceback.
 """
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from transformers import HfArgumentParser
 
+from scripts.cli import add_version_argument
 from trainers.model_card import TRAINING_SUMMARY_NAME, TrainingSummary
+
+# First line of every card nlip renders (model_cards/model_card_template.md): such a README may be re-rendered.
+GENERATED_CARD_MARKER = "<!-- nlip-model-card"
 
 logger = logging.getLogger("nlip.push")
 
@@ -86,10 +96,14 @@ def _read_json(path: Path) -> dict:
 
 def card_summary(checkpoint_dir: Path, config: dict) -> tuple[TrainingSummary | None, str]:
     """What to render the README model card from (None: keep the folder's README.md), and where it came from."""
-    if (checkpoint_dir / "README.md").is_file():
+    readme = checkpoint_dir / "README.md"
+    generated = readme.is_file() and GENERATED_CARD_MARKER in readme.read_text(encoding="utf-8", errors="replace")
+    if readme.is_file() and not generated:
         return None, "kept the folder's README.md"
     if (checkpoint_dir / TRAINING_SUMMARY_NAME).is_file():
         return TrainingSummary.load(checkpoint_dir), f"rendered from {TRAINING_SUMMARY_NAME}"
+    if readme.is_file():
+        return None, "kept the folder's README.md"
     captioner = any("Captioning" in name for name in config.get("architectures") or [])
     summary = TrainingSummary(pipeline_tag="image-to-text" if captioner else "zero-shot-image-classification")
     return summary, f"minimal card (no {TRAINING_SUMMARY_NAME})"
@@ -113,11 +127,38 @@ def push_checkpoint(args: PushArguments) -> tuple[CommitInfo, str]:
     return commit, card_source
 
 
+def hub_error_message(error: Exception, repo_id: str) -> str | None:
+    """One line saying what went wrong with the Hub and what to do, or None for errors that are not the Hub's."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return ("the Hugging Face Hub cannot be reached: offline mode is on (HF_HUB_OFFLINE=1). Unset it, connect to "
+                "the network and run nlip-push again.")
+    if isinstance(error, LocalTokenNotFoundError):
+        return "no Hugging Face token: run `hf auth login`, set $HF_TOKEN, or pass --token."
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if status in (401, 403):
+            return (f"the Hub refused the push to {repo_id!r} (HTTP {status}): the token is missing, invalid or has no "
+                    f"write access to that namespace. {first}")
+        return f"the Hub answered with an error for {repo_id!r}: {first}"
+    module = type(error).__module__ or ""
+    if isinstance(error, (ConnectionError, TimeoutError)) or module.startswith(("httpx", "httpcore", "requests", "urllib3")):
+        return f"cannot reach the Hugging Face Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Check the network, then run nlip-push again."
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser(PushArguments, prog="nlip-push", description=DESCRIPTION)
+    parser = add_version_argument(HfArgumentParser(PushArguments, prog="nlip-push", description=DESCRIPTION))
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    commit, card_source = push_checkpoint(args)
+    try:
+        commit, card_source = push_checkpoint(args)
+    except Exception as error:  # noqa: BLE001 - Hub and network errors become one line; anything else re-raises
+        message = hub_error_message(error, args.repo_id)
+        if message is None:
+            raise
+        print(f"nlip-push: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
     report = {"repo_id": commit.repo_url.repo_id, "revision": args.revision or "main", "commit": commit.oid,
               "commit_url": commit.commit_url, "model_card": card_source}
     print(json.dumps(report, indent=2))

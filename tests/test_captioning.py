@@ -130,6 +130,39 @@ def test_same_tokens_with_and_without_kv_cache(model, pixel_values, concept_pref
     assert runs[0].tolist() == runs[1].tolist()
 
 
+GPT2_DECODER = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True,
+                    is_decoder=True, pad_token_id=0, bos_token_id=BOS_ID)
+
+
+@pytest.mark.parametrize("decoder", ["bert", "gpt2"])
+def test_cache_round_trip_matches_full_forward(tokenizer, pixel_values, concept_prefix, decoder):
+    """The decoder's cache under transformers' current cache API: the prefill returns an `EncoderDecoderCache` (self- and
+    cross-attention), and one cached decode step gives the logits of a full forward over the whole sequence. Also the
+    generate() round trip with the cache on and off, for both decoder families (the 5.24 `cache` rename broke both)."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    torch.manual_seed(0)
+    overrides = GPT2_DECODER | {"vocab_size": len(tokenizer)} if decoder == "gpt2" else {}
+    config = tiny_nlip_config(tokenizer, decoder_config=tiny_decoder_config(tokenizer) if decoder == "bert" else overrides)
+    model = NLIPForCaptioning(config).eval()
+    _, (concept_ids, concept_mask) = concept_prefix
+    ids = tokenizer(CAPTIONS, padding=True, return_tensors="pt")["input_ids"][:, :4]
+    with torch.no_grad():
+        prefill = model(pixel_values=pixel_values, input_ids=ids[:, :3], concept_input_ids=concept_ids,
+                        concept_attention_mask=concept_mask, use_cache=True)
+        assert isinstance(prefill.cache, EncoderDecoderCache)
+        assert prefill.cache.get_seq_length() == concept_ids.shape[1] + 3
+        mask = torch.cat([concept_mask, torch.ones_like(ids)], dim=1)
+        step = model(image_hidden_states=prefill.image_hidden_states, input_ids=ids[:, 3:], attention_mask=mask,
+                     cache=prefill.cache, use_cache=True)
+        full = model(pixel_values=pixel_values, input_ids=ids, concept_input_ids=concept_ids,
+                     concept_attention_mask=concept_mask)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
+    runs = [model.generate(pixel_values=pixel_values, concept_input_ids=concept_ids, concept_attention_mask=concept_mask,
+                           max_new_tokens=6, use_cache=use_cache).tolist() for use_cache in (True, False)]
+    assert runs[0] == runs[1]
+
+
 def test_beam_search_and_greedy_shapes(model, pixel_values):
     greedy = model.generate(pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
     beams = model.generate(pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=4, num_return_sequences=2,

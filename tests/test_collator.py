@@ -10,8 +10,8 @@ from tiny import tiny_image_processor, tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import CLIPProcessor
 
-from trainers.collator import ImageTextCollator
-from trainers.data import MISSING_IMAGE, UNDECODABLE_IMAGE, InvalidPairError
+from trainers.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
+from trainers.data import EMPTY_CAPTION, MISSING_IMAGE, TOO_MANY_PIXELS, UNDECODABLE_IMAGE, InvalidPairError
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -156,7 +156,26 @@ def test_skips_bad_examples_and_strict(processor):
 
     with pytest.raises(InvalidPairError, match=r"shard\.tar/0001\.png: undecodable image"):
         ImageTextCollator(processor, strict=True)(examples)
-    with pytest.raises(InvalidPairError, match="Every example of a batch of 1 was invalid"):
-        ImageTextCollator(processor)([example(5, "")])
+    assert batch[SKIPPED_KEY] == {UNDECODABLE_IMAGE: 1, MISSING_IMAGE: 1, "files": ["shard.tar/0001.png"]}
+    # A batch with no valid pair is returned empty (the trainer skips and counts it) rather than failing the run.
+    empty = ImageTextCollator(processor)([example(5, ""), example(6) | {"image": None}])
+    assert is_empty_batch(empty) and empty == {SKIPPED_KEY: {EMPTY_CAPTION: 1, MISSING_IMAGE: 1, "files": []}}
+    assert not is_empty_batch(batch)
     with pytest.raises(ValueError, match="no 'index' column"):
         ImageTextCollator(processor)([{"image": PIL.Image.new("RGB", (8, 8)), "text": "a cat"}])
+
+
+def test_pixel_limit_skips_before_decoding(processor):
+    """An image over `max_image_pixels` is skipped and counted from its header, never decoded at full size."""
+    buffer = io.BytesIO()
+    PIL.Image.new("L", (3000, 3000)).save(buffer, "PNG")  # 9 Mpx, a few KB of PNG
+    big = {"bytes": buffer.getvalue(), "path": "shard.tar/big.png"}
+    collator = ImageTextCollator(processor, max_image_pixels=1_000_000)
+    batch = collator([example(0), example(1) | {"image": big}])
+    assert batch["index"].tolist() == [0]
+    assert batch[SKIPPED_KEY] == {TOO_MANY_PIXELS: 1, "files": ["shard.tar/big.png"]}
+    with pytest.raises(InvalidPairError, match="image over the pixel limit.*3000x3000"):
+        ImageTextCollator(processor, max_image_pixels=1_000_000, strict=True)([example(1) | {"image": big}])
+    assert ImageTextCollator(processor, max_image_pixels=None)([example(1) | {"image": big}])["index"].tolist() == [1]
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+        ImageTextCollator(processor, max_image_pixels=-5)

@@ -19,6 +19,8 @@ from trainers.data import (
     EMPTY_CAPTION,
     MISSING_IMAGE,
     UNDECODABLE_IMAGE,
+    LOST_COLUMN,
+    TRUNCATED_SHARD,
     InvalidPairError,
     SkipReport,
     dataset_rows,
@@ -180,15 +182,20 @@ def test_webdataset_truncated_and_corrupt_shards(shards, caplog):
     with caplog.at_level(logging.WARNING, logger="trainers.data"):
         dataset, report = load_webdataset_pairs(shards, return_report=True)
     assert dataset["text"] == ["caption 0", "caption 1", "caption 2", "json caption 5"]
-    assert "skipping its samples from 00006 on" in caplog.text
-    assert report.reasons == {UNDECODABLE_IMAGE: 1, MISSING_IMAGE: 1}  # shard 0's bad samples only
-    assert [example["index"] for example in load_webdataset_pairs(shards, streaming=True)] == list(range(6))
+    assert "00001.tar is truncated or corrupt (ReadError: unexpected end of data): 1 complete samples read, " \
+        "at least 1 sample lost" in caplog.text
+    # shard 0's bad samples, and the sample cut in shard 1
+    assert report.reasons == {UNDECODABLE_IMAGE: 1, MISSING_IMAGE: 1, TRUNCATED_SHARD: 1}
+    assert str(shard) in report.files
+    stream = [example for example in load_webdataset_pairs(shards, streaming=True)]
+    assert [example["index"] for example in stream if not example[LOST_COLUMN]] == list(range(6))
+    assert [example[LOST_COLUMN] for example in stream if example[LOST_COLUMN]] == [1]  # a marker row counts the loss
 
     shard.write_bytes(b"not a tar header" * 64)
     with caplog.at_level(logging.WARNING, logger="trainers.data"):
         assert len(load_webdataset_pairs(shards)) == 3
-    assert "skipping its samples from the start" in caplog.text
-    with pytest.raises(InvalidPairError, match=r"Cannot read webdataset shard .*00001\.tar"):
+    assert "00001.tar is truncated or corrupt" in caplog.text and "0 complete samples read" in caplog.text
+    with pytest.raises(InvalidPairError, match=r"Webdataset shard .*00001\.tar is truncated or corrupt"):
         load_webdataset_pairs(shards, strict=True)
 
 

@@ -193,8 +193,9 @@ def test_push_to_hub_then_remote_code_load_in_fresh_process(local_hub, tmp_path)
     )
     run_python(load, local_hub.env(tmp_path / "home_load"))  # a fresh HF_HOME: everything comes from the server
     remote = torch.load(tmp_path / "out.pt")
-    torch.testing.assert_close(remote["image"], expected.image_embeds, rtol=0, atol=0)
-    torch.testing.assert_close(remote["text"], expected.text_embeds, rtol=0, atol=0)
+    # Same weights and inputs; another process may sum in another order (its own thread count): float32 rounding only.
+    torch.testing.assert_close(remote["image"], expected.image_embeds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(remote["text"], expected.text_embeds, rtol=1e-6, atol=1e-7)
 
 
 def test_standalone_server_prints_its_url_and_stops_on_sigterm(tmp_path):

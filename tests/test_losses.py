@@ -8,6 +8,7 @@ from trainers.losses import (
     NPCLossOutput,
     contrastive_logits,
     contrastive_loss,
+    complementary_contrastive_loss,
     nitc_loss,
     npc_confidence,
     npc_loss,
@@ -197,7 +198,8 @@ def test_nitc_full_noise_is_similarity_penalty():
     image, text = _batch()
     s = _cosine_matrix(image, text)
     _close(
-        nitc_loss(image, text, 5.0, torch.ones(5), strength=0.3, reduction="none"), [0.3 * s[i][i] for i in range(5)]
+        nitc_loss(image, text, 5.0, torch.ones(5), strength=0.3, reduction="none", form="paper"),
+        [0.3 * s[i][i] for i in range(5)],
     )
 
 
@@ -209,9 +211,10 @@ def test_nitc_intermediate_noise_and_synthetic_captions():
     ce = reference_ce(image, text, 4.0)
     ce_synthetic = reference_ce(image, synthetic, 4.0)
     expected = [(1 - e) * ce[i] + 0.1 * e * s[i][i] for i, e in enumerate(noise)]
-    _close(nitc_loss(image, text, 4.0, noise, reduction="none"), expected, tol=1e-6)
+    _close(nitc_loss(image, text, 4.0, noise, reduction="none", form="paper"), expected, tol=1e-6)
     expected = [(1 - e) * ce[i] + e * ce_synthetic[i] + 0.1 * e * s[i][i] for i, e in enumerate(noise)]
-    _close(nitc_loss(image, text, 4.0, noise, synthetic_text_embeds=synthetic, reduction="none"), expected, tol=1e-6)
+    _close(nitc_loss(image, text, 4.0, noise, synthetic_text_embeds=synthetic, reduction="none", form="paper"), expected,
+           tol=1e-6)
 
 
 def test_nitc_composes_with_negative_and_sample_weights():
@@ -222,8 +225,68 @@ def test_nitc_composes_with_negative_and_sample_weights():
     s = _cosine_matrix(image, text)
     ce = reference_ce(image, text, 2.0, weights.tolist(), weights.T.tolist())
     expected = sum(c * ((1 - e) * ce[i] + 0.2 * e * s[i][i]) for i, (c, e) in enumerate(zip(confidence, noise))) / 4
-    loss = nitc_loss(image, text, 2.0, noise, strength=0.2, negative_weights=weights, sample_weights=confidence)
+    loss = nitc_loss(image, text, 2.0, noise, strength=0.2, negative_weights=weights, sample_weights=confidence,
+                     form="paper")
     _close(loss, expected, tol=1e-6)
+
+
+def _reference_balanced_nitc(image, text, scale, noise, strength=0.1, synthetic=None, confidence=None):
+    """Balanced NITC, one loop per term: Σ c·((1−ε)CE + ε·CE_syn) / Σ c·((1−ε) + ε·[syn]) + λ·mean ε·relu(s_ii − s̄)."""
+    s = _cosine_matrix(image, text)
+    size = len(s)
+    ce = reference_ce(image, text, scale)
+    ce_synthetic = reference_ce(image, synthetic, scale) if synthetic is not None else [0.0] * size
+    confidence = confidence or [1.0] * size
+    numerator = sum(c * ((1 - e) * ce[i] + e * ce_synthetic[i]) for i, (c, e) in enumerate(zip(confidence, noise)))
+    denominator = sum(c * ((1 - e) + (e if synthetic is not None else 0.0)) for c, e in zip(confidence, noise))
+    random_pair = sum(s[i][j] for i in range(size) for j in range(size) if i != j) / (size * (size - 1))
+    penalty = sum(e * max(s[i][i] - random_pair, 0.0) for i, e in enumerate(noise)) / size
+    return numerator / denominator + strength * penalty
+
+
+@pytest.mark.parametrize("with_synthetic", [False, True])
+def test_nitc_balanced_matches_its_formula(with_synthetic):
+    image, text = _batch(size=5, seed=2)
+    _, synthetic = _batch(size=5, seed=3)
+    noise, confidence = [0.0, 0.2, 0.7, 1.0, 0.95], [1.0, 0.5, 0.1, 0.9, 1.0]
+    synthetic = synthetic if with_synthetic else None
+    expected = _reference_balanced_nitc(image, text, 4.0, noise, 0.3, synthetic, confidence)
+    loss = nitc_loss(image, text, 4.0, noise, strength=0.3, synthetic_text_embeds=synthetic, sample_weights=confidence)
+    _close(loss, expected, tol=1e-6)
+    per_sample = nitc_loss(image, text, 4.0, noise, strength=0.3, synthetic_text_embeds=synthetic,
+                           sample_weights=confidence, reduction="none")
+    _close(per_sample.mean(), expected, tol=1e-6)
+
+
+def test_nitc_balanced_keeps_the_contrastive_gradient_when_most_pairs_are_called_noisy():
+    """The failure of the paper form at heavy noise: with ε = 0.9 everywhere its contrastive gradient is 10× smaller
+    than InfoNCE's; the balanced form's is InfoNCE's, and its push-apart term stops at the random-pair similarity."""
+    image, text = _batch(size=6, seed=5)
+    image.requires_grad_(True)
+
+    def grad_of(loss):
+        (grad,) = torch.autograd.grad(loss, image)
+        return grad
+
+    plain = grad_of(contrastive_loss(image, text, 5.0))
+    noise = torch.full((6,), 0.9, dtype=torch.float64)
+    paper = grad_of(nitc_loss(image, text, 5.0, noise, strength=0.0, form="paper"))
+    balanced = grad_of(nitc_loss(image, text, 5.0, noise, strength=0.0))
+    torch.testing.assert_close(paper, 0.1 * plain)
+    torch.testing.assert_close(balanced, plain)
+    # A pair already less similar than random pairs gets no push-apart gradient at all.
+    anti = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)), dim=-1)
+    anti_text = -anti
+    anti.requires_grad_(True)
+    ones = torch.ones(6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(nitc_loss(anti, anti_text, 5.0, ones, strength=1.0), anti)
+    assert float(grad.abs().max()) == 0.0  # every caption has weight 0 and s_ii = −1 < s̄
+
+
+def test_nitc_rejects_unknown_form():
+    image, text = _batch(size=2)
+    with pytest.raises(ValueError, match=r"`form` must be one of \('balanced', 'paper'\)"):
+        nitc_loss(image, text, 1.0, [0.5, 0.5], form="mean")
 
 
 def test_nitc_rejects_out_of_range_noise():
@@ -355,3 +418,41 @@ def test_npc_per_sample_weights_scale_each_samples_gradient():
     (confidence.mean() * contrastive_loss(image, text, 2.0)).backward()
     scalar_direction = torch.stack([image.grad[i, size + i] for i in range(size)])
     _close(scalar_direction / scalar_direction[0], [1.0] * size, tol=1e-9)
+
+
+# ---- complementary (RCL) --------------------------------------------------------------------------------------------
+
+
+def _reference_complementary(image, text, scale):
+    s = _cosine_matrix(image, text)
+    size = len(s)
+    losses = []
+    for i in range(size):
+        terms = []
+        for matrix in (s, [list(col) for col in zip(*s)]):
+            row = [math.exp(scale * matrix[i][j]) for j in range(size)]
+            total = sum(row)
+            terms.append(-sum(math.log(1 - row[j] / total) for j in range(size) if j != i))
+        losses.append(0.5 * (terms[0] + terms[1]))
+    return losses
+
+
+def test_complementary_loss_matches_its_formula_and_weights():
+    image, text = _batch(size=5, seed=7)
+    expected = _reference_complementary(image, text, 3.0)
+    _close(complementary_contrastive_loss(image, text, 3.0, reduction="none"), expected, tol=1e-9)
+    weights = [1.0, 0.0, 0.5, 2.0, 1.0]
+    _close(complementary_contrastive_loss(image, text, 3.0, sample_weights=weights),
+           sum(w * e for w, e in zip(weights, expected)) / 5, tol=1e-9)
+
+
+def test_complementary_loss_is_bounded():
+    image, text = _batch(size=4, seed=8)
+    # Whatever the logits, no term exceeds −log(1e-7): huge scales give a finite loss and gradient.
+    image.requires_grad_(True)
+    loss = complementary_contrastive_loss(image, text, 1e4)
+    (grad,) = torch.autograd.grad(loss, image)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert float(complementary_contrastive_loss(image.detach(), text, 1e4, reduction="none").max()) <= 3 * -math.log(1e-7)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        complementary_contrastive_loss(image[:1], text[:1], 1.0)

@@ -107,7 +107,7 @@ def test_summary_json_round_trip_and_errors(tmp_path):
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
-        (dict(method="nlip+foo"), ValueError, r"method='nlip\+foo': expected one of \['clip', 'nlip', 'npc', 'srcl'\]"),
+        (dict(method="nlip+foo"), ValueError, r"method='nlip\+foo': expected one of \['clip', 'nlip', 'npc', 'rcl', 'srcl'\]"),
         (dict(method="clip+srcl"), ValueError, "'clip' is the plain baseline"),
         (dict(method="srcl+srcl"), ValueError, "distinct"),
         (dict(pipeline_tag="text-generation"), ValueError, "pipeline_tag='text-generation': expected one of"),
@@ -126,3 +126,38 @@ def test_method_components():
     assert method_components("NLIP + npc") == ["nlip", "npc"]
     with pytest.raises(ValueError, match="A model card needs a model_name"):
         TrainingSummary(method="nlip").to_model_card()
+
+
+def test_card_says_what_the_checkpoint_is_and_shows_a_visible_placeholder():
+    towers = {"vision": "`clip_vision_model` (2 layers, 32 hidden size, 32 px images, patch 8)",
+              "text": "`bert` (6 layers, 384 hidden size)", "decoder": "`bert` (2 layers, 32 hidden size)"}
+    card = render_model_card(model_name="out", method="nlip", architecture="NLIPForPreTraining", towers=towers,
+                             dataset_description="the imagefolder `my_pairs` (image files with captions)")
+    content = str(card)
+    title = re.search(r"^# (.+)$", content, re.M).group(1)
+    assert title == "NLIP pre-training checkpoint trained with `nlip`"  # not the bare output folder name
+    assert "`NLIPForPreTraining`" in content and "dual encoder plus a concept-conditioned captioning decoder" in content
+    assert "It was trained on the imagefolder `my_pairs`" in content and "*.tar" not in content
+    for description in towers.values():
+        assert description in content
+    load = _section(content, "How to load")
+    assert 'from_pretrained("<your-username>/<repo-name>"' in load and "is a placeholder" in load
+    assert 'from_pretrained("out"' not in content
+    assert "AutoModelForImageTextToText" in load  # the captioning head of a pre-training checkpoint
+    pushed = str(render_model_card(repo_id="me/shapes-nlip", model_name="out", method="nlip",
+                                   architecture="NLIPForPreTraining"))
+    assert re.search(r"^# shapes-nlip$", pushed, re.M) and 'from_pretrained("me/shapes-nlip"' in pushed
+    assert "is a placeholder" not in pushed and "<your-username>" not in pushed
+    dual = str(render_model_card(model_name="out", architecture="NLIPModel"))
+    assert "is a dual encoder" in dual and "captioning decoder" not in dual
+    with pytest.raises(ValueError, match="architecture='BertModel'"):
+        TrainingSummary(model_name="x", architecture="BertModel")
+
+
+def test_describe_towers_of_a_config():
+    from tiny import tiny_decoder_config, tiny_nlip_config
+    from trainers.model_card import describe_towers
+
+    towers = describe_towers(tiny_nlip_config(decoder_config=tiny_decoder_config()))
+    assert set(towers) == {"vision", "text", "decoder", "projection"}
+    assert towers["vision"].startswith("`clip_vision_model` (") and "px images" in towers["vision"]

@@ -152,8 +152,9 @@ def test_remote_code_loads_without_the_package(checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
-    torch.testing.assert_close(remote["image"], outputs.image_embeds, rtol=0, atol=0)
-    torch.testing.assert_close(remote["text"], outputs.text_embeds, rtol=0, atol=0)
+    # Another process may use another thread count and so another summation order: float32 rounding only.
+    torch.testing.assert_close(remote["image"], outputs.image_embeds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(remote["text"], outputs.text_embeds, rtol=1e-6, atol=1e-7)
 
 
 def test_zero_shot_pipeline_on_real_images(checkpoint, real_images):
@@ -165,8 +166,9 @@ def test_zero_shot_pipeline_on_real_images(checkpoint, real_images):
     for result in results:
         assert sorted(r["label"] for r in result) == sorted(labels)
         assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4
-    # The pipeline's scores are the model's own softmax over prompts "This is a photo of {label}.".
-    processor = tiny_processor()
+    # The pipeline's scores are the model's own softmax over prompts "This is a photo of {label}.", with the processor
+    # the checkpoint loads with (transformers picks the torchvision image backend when torchvision is installed).
+    processor = AutoProcessor.from_pretrained(path)
     inputs = processor(images=real_images[:1], text=[f"This is a photo of {l}." for l in labels], padding=True, return_tensors="pt")
     with torch.no_grad():
         probs = model(**inputs).logits_per_image.softmax(-1)[0]

@@ -170,3 +170,36 @@ def test_a_broad_clean_component_keeps_the_lowest_losses_clean():
     assert clean_prob[-1] == clean_prob.min() < 0.2
     threshold = estimate.loss_threshold
     assert threshold is not None and estimator.predict([threshold - 0.01]).clean_prob[0] > 0.5 > estimator.predict([threshold + 0.01]).clean_prob[0]
+
+
+def test_a_fit_that_calls_almost_every_pair_noisy_is_not_trusted(caplog):
+    """A small, barely separated loss sample whose mixture puts nearly all pairs in the noisy component (a narrow clean
+    component on a handful of low losses) falls back to p = 1, and the reason says why; `max_noisy_fraction=1` uses
+    it."""
+    rng = np.random.default_rng(3)
+    losses = np.concatenate([rng.normal(1.0, 0.01, 3), rng.normal(3.0, 0.3, 57)])
+    trusting = CleanProbabilityEstimator(max_noisy_fraction=1.0).fit(losses)
+    noisy_fraction = float((trusting.clean_prob < 0.5).mean())
+    assert noisy_fraction > 0.9 and trusting.reason is None
+    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+        guarded = CleanProbabilityEstimator().fit(losses)
+    assert np.array_equal(guarded.clean_prob, np.ones(60, dtype=np.float32))
+    assert guarded.reason.startswith(f"the fit calls {noisy_fraction:.1%} of the pairs noisy, more than max_noisy_fraction=0.9")
+    assert "max_noisy_fraction=0.9" in caplog.text
+    # 80 % real noise is still estimated (under the 0.9 guard).
+    losses, noisy = _bimodal(num_samples=5_000, noise_rate=0.8, seed=2)
+    estimate = CleanProbabilityEstimator().fit(losses)
+    assert estimate.reason is None and roc_auc_score(noisy, estimate.noise_prob) > 0.99
+    with pytest.raises(ValueError, match=r"`max_noisy_fraction` must be in \(0, 1\]"):
+        CleanProbabilityEstimator(max_noisy_fraction=0.0)
+
+
+def test_a_state_saved_before_the_noisy_fraction_guard_restores_without_it():
+    losses, _ = _bimodal(num_samples=2_000)
+    estimator = CleanProbabilityEstimator()
+    estimator.fit(losses)
+    old_state = {k: v for k, v in estimator.state_dict().items() if k != "max_noisy_fraction"}
+    restored = CleanProbabilityEstimator()
+    restored.load_state_dict(old_state)
+    assert restored.max_noisy_fraction == 1.0  # the behaviour of the code that wrote it
+    assert np.array_equal(restored.predict(losses).clean_prob, estimator.predict(losses).clean_prob)

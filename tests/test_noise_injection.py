@@ -90,3 +90,30 @@ def test_truncate_captions():
     assert lists["text"] == [["one", "four"], ["seven"]] and lists["is_incomplete"] == [True, False]
     with pytest.raises(ValueError, match="max_words must be >= 1"):
         truncate_captions(clean, 0.5, max_words=0)
+
+
+def test_hard_swap_takes_a_caption_from_the_same_category():
+    categories = ["animals"] * 10 + ["plants"] * 10 + ["alone"]
+    clean = datasets.Dataset.from_dict({"text": [f"c{i}" for i in range(21)], "category": categories, "index": list(range(21))})
+    noisy = inject_caption_noise(clean, 0.6, seed=2, swap_within="category")
+    source, is_noisy = np.array(noisy["caption_source"]), np.array(noisy["is_noisy"])
+    assert is_noisy.sum() == round(0.6 * 21) and np.array_equal(is_noisy, source != np.arange(21))
+    assert noisy["text"] == [clean["text"][s] for s in source]
+    for row in np.flatnonzero(is_noisy):
+        if categories[row] != "alone":  # the only pair of its category falls back to another category
+            assert categories[source[row]] == categories[row]
+    assert noisy["is_noisy"] == inject_caption_noise(clean, 0.6, seed=2, swap_within="category")["is_noisy"]
+
+
+def test_hard_swap_with_another_class_of_the_same_category():
+    labels = [0, 0, 1, 1, 2, 2, 3, 3] * 3  # classes 0/1 are "tops", 2/3 "footwear"
+    category = [0 if label < 2 else 1 for label in labels]
+    clean = datasets.Dataset.from_dict({"text": [f"a photo of class {l}" for l in labels], "label": labels,
+                                        "group": category, "index": list(range(24))})
+    noisy = inject_caption_noise(clean, 1.0, seed=0, swap_within="group", differ_by="label")
+    source = np.array(noisy["caption_source"])
+    assert all(labels[s] != labels[i] and category[s] == category[i] for i, s in enumerate(source))
+    with pytest.raises(ValueError, match="`differ_by` refines a hard swap: give `swap_within`"):
+        inject_caption_noise(clean, 0.5, differ_by="label")
+    with pytest.raises(ValueError, match="no column 'folder' to swap captions by"):
+        inject_caption_noise(clean, 0.5, swap_within="folder")

@@ -237,6 +237,7 @@ def test_remote_code_loads_every_head_without_the_package(model, inputs, outputs
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
-    torch.testing.assert_close(remote["loss"], outputs.loss, rtol=0, atol=0)
-    torch.testing.assert_close(remote["image_embeds"], outputs.image_embeds, rtol=0, atol=0)
+    # Another process may use another thread count and so another summation order: float32 rounding only.
+    torch.testing.assert_close(remote["loss"], outputs.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(remote["image_embeds"], outputs.image_embeds, rtol=1e-6, atol=1e-7)
     assert remote["caption"].tolist() == expected_caption.tolist()

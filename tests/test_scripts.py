@@ -122,7 +122,7 @@ def test_data_argument_errors(argv, error, message, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model_size", "huge"], r"Unknown --model_size 'huge'; expected one of \['tiny', 'small', 'base'\]"),
+        (["--model_size", "huge"], r"Unknown --model_size 'huge'; expected one of \['tiny', 'small', 'base', 'pretrained-small'\]"),
         ([], "exactly one of --model_name_or_path .* and --model_size .*got neither"),
         (["--model_size", "tiny", "--model_name_or_path", "x"], "got both"),
         (["--model_size", "tiny", "--model_type", "captioner"], r"--model_type must be one of \['dual', 'pretraining'\]"),
@@ -159,7 +159,7 @@ def test_label_column_must_exist_and_be_a_class_label(dual_checkpoint, image_fol
     base = ["--model_name_or_path", dual_checkpoint, "--train_dir", image_folder, "--split", "train", "--disable_tqdm"]
     with pytest.raises(ValueError, match=r"--label_column 'species' is not a column of the data; columns: \['image', 'text'"):
         evaluate.main([*base, "--label_column", "species"])
-    with pytest.raises(ValueError, match="--label_column 'text' must be a ClassLabel column"):
+    with pytest.raises(ValueError, match="--label_column 'text' is the caption column"):
         evaluate.main([*base, "--label_column", "text"])
 
 
@@ -255,7 +255,7 @@ class _ReportParser(HTMLParser):
         attrs = dict(attrs)
         if tag == "tr":
             self.rows += 1
-        elif tag == "img":
+        elif tag == "img" and "thumb" in (attrs.get("class") or "").split():  # the pairs' images (not the plot)
             self.images.append(attrs["src"])
         elif tag == "td":
             self._in_td = True
@@ -284,9 +284,10 @@ def test_audit_of_an_imagefolder_escapes_captions(tmp_path, dual_checkpoint, cap
     parser = _ReportParser()
     parser.feed(html)
     parser.close()
-    assert parser.scripts == 0 and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    # the page's own script only (sorting, filtering); the caption's markup is escaped, never run
+    assert parser.scripts == 1 and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<b>bold</b>" not in html
     assert parser.rows == 13 and len(parser.images) == 12  # a header row + 12 pairs, each with an inline thumbnail
-    assert all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert all(src.startswith("data:image/png;base64,") for src in parser.images)  # 40-px images: PNG
     import pandas as pd
 
     table = pd.read_parquet(paths["parquet"])

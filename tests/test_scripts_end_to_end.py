@@ -194,7 +194,9 @@ def test_push_the_trained_model(dual_model, workdir, local_hub):
     env = local_hub.env(workdir / "hf_home_push")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
     result = json.loads(run_python(code, env).strip().splitlines()[-1])
-    assert result["report"]["model_card"] == "kept the folder's README.md"
+    # nlip-train's generated card is re-rendered with the repo id (a hand-written README would be kept)
+    assert result["report"]["model_card"] == "rendered from nlip_training_summary.json"
+    assert 'from_pretrained("nlip-tester/tiny-nlip-fmnist"' in result["readme"] and "<your-username>" not in result["readme"]
     assert {"model.safetensors", "nlip_training_summary.json", "nlip_noise_state.safetensors", "tokenizer.json",
             "configuration_nlip.py"} <= set(result["files"])
     assert "nlip" in result["readme"] and "fashion_mnist" in result["readme"]

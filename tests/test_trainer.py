@@ -19,7 +19,14 @@ from trainer_testing import (
 )
 from trainers.callbacks import epoch_index, is_due
 from trainers.collator import ImageTextCollator
-from trainers.losses import contrastive_loss, nitc_loss, npc_confidence, npc_loss, srcl_loss
+from trainers.losses import (
+    complementary_contrastive_loss,
+    contrastive_loss,
+    nitc_loss,
+    npc_confidence,
+    npc_loss,
+    srcl_loss,
+)
 from trainers.metrics import retrieval_compute_metrics
 from trainers.trainer import NLIPTrainer
 
@@ -154,6 +161,16 @@ def test_compute_loss_matches_the_loss_functions(tmp_path, tiny_batch):
     trainer.noise_state.noise_prob[:] = noise
     images, texts, scale = _embeds(trainer.model, batch)
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), nitc_loss(images, texts, scale, noise, strength=0.3))
+    trainer = _trainer(tmp_path, pairs, "nlip", nitc_strength=0.3, nitc_form="paper")
+    trainer.noise_state.noise_prob[:] = noise
+    images, texts, scale = _embeds(trainer.model, batch)
+    expected = nitc_loss(images, texts, scale, noise, strength=0.3, form="paper")
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
+    assert not torch.allclose(expected, nitc_loss(images, texts, scale, noise, strength=0.3))
+
+    trainer = _trainer(tmp_path, pairs, "rcl")
+    images, texts, scale = _embeds(trainer.model, batch)
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), complementary_contrastive_loss(images, texts, scale))
 
     trainer = _trainer(tmp_path, pairs, "srcl", srcl_weight_temperature=0.05)
     images, texts, scale = _embeds(trainer.model, batch)

@@ -14,7 +14,7 @@ def make(tmp_path, **kwargs):
 @pytest.mark.parametrize(
     "method, expected",
     [("clip", set()), ("nlip", {"nlip"}), ("nlip+srcl", {"nlip", "srcl"}), ("NPC + nlip", {"npc", "nlip"}),
-     ("npc+nlip+srcl", {"npc", "nlip", "srcl"})],
+     ("npc+nlip+srcl", {"npc", "nlip", "srcl"}), ("rcl", {"rcl"}), ("rcl+npc", {"rcl", "npc"})],
 )
 def test_parse_method(method, expected):
     assert parse_method(method) == expected
@@ -26,6 +26,8 @@ def test_parse_method(method, expected):
         ("nlp", r"unknown name\(s\) \['nlp'\]; valid methods are 'clip', or one or more of 'nlip', 'npc', 'srcl'"),
         ("clip+srcl", "'clip' is the plain contrastive loss and cannot be combined"),
         ("nlip+nlip", "names a method twice"),
+        ("rcl+nlip", "'rcl' replaces the contrastive loss with the complementary one, so it combines only with 'npc'"),
+        ("srcl+rcl", "combines only with 'npc'"),
         ("", "`method` must be"),
     ],
 )
@@ -41,6 +43,7 @@ def test_defaults(tmp_path):
     assert args.nitc_strength == 0.1 and args.noise_estimation_mode == "online" and args.noise_warmup_epochs == 1
     assert args.srcl_alpha_start == 0.0 and args.srcl_alpha_end == 0.0 and args.srcl_weight_temperature == 0.1
     assert args.npc_clean_threshold == 0.9
+    assert args.nitc_form == "balanced" and args.noise_max_noisy_fraction == 0.9
 
 
 def test_srcl_alpha_schedule(tmp_path):
@@ -64,6 +67,8 @@ def test_srcl_alpha_schedule(tmp_path):
         (dict(gmm_refit_epochs=0), "`gmm_refit_epochs` must be an integer >= 1"),
         (dict(gmm_max_fit_samples=5), "`gmm_max_fit_samples` must be an integer >= 10"),
         (dict(nitc_strength=-0.1), "`nitc_strength`"),
+        (dict(nitc_form="mean"), r"`nitc_form` must be one of \('balanced', 'paper'\); got 'mean'"),
+        (dict(noise_max_noisy_fraction=0.0), r"`noise_max_noisy_fraction` must be in \(0, 1\]"),
         (dict(npc_clean_threshold=1.0), r"`npc_clean_threshold` must be in \(0, 1\)"),
         (dict(method="npc", noise_warmup_epochs=0), "method 'npc' with `noise_warmup_epochs=0`.*noise_estimation_mode='pass'"),
         (dict(method="clip", noise_completion=True), "`noise_completion=True` feeds synthetic captions to NLIP's loss"),

@@ -2,6 +2,7 @@
 
 from .collator import ImageTextCollator
 from .data import SkipReport, load_imagefolder_pairs, load_webdataset_pairs, prepare_pairs
+from .feature_cache import FeatureCache
 from .loss_bank import LossBank
 from .losses import (
     NPCLossOutput,
@@ -23,6 +24,7 @@ from .training_args import NLIPTrainingArguments
 
 __all__ = [
     "CleanProbabilityEstimator",
+    "FeatureCache",
     "ImageTextCollator",
     "LossBank",
     "MemoryBank",

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from .data import EMPTY_CAPTION, InvalidPairError, SkipReport, decode_image, image_key, non_empty_captions, to_rgb
+from .data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EMPTY_CAPTION,
+    LOST_COLUMN,
+    TRUNCATED_SHARD,
+    InvalidPairError,
+    SkipReport,
+    check_max_image_pixels,
+    decode_image,
+    image_key,
+    non_empty_captions,
+    to_rgb,
+)
+
+# Batch key of the pairs a batch skipped (`SkipReport.to_dict()`): how the counts get out of DataLoader workers.
+SKIPPED_KEY = "skipped_pairs"
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """Whether a collated batch kept no pair (every example was invalid): the trainer skips and counts it."""
+    return isinstance(batch, dict) and "pixel_values" not in batch and SKIPPED_KEY in batch
 
 
 @dataclass
@@ -25,8 +46,12 @@ class ImageTextCollator:
     one. A random pick is a function of `(seed, epoch, index)` alone: the same in every worker layout and process, and
     after a resume from a checkpoint, yet different each epoch (`set_epoch`, which `NLIPTrainer` calls at every epoch
     start, like a sampler's; the epoch lives in shared memory, so `persistent_workers` see it too). Examples with a
-    missing/undecodable image or no caption are skipped and counted in `skip_report` (per worker process when
-    `num_workers > 0`), or raise `InvalidPairError` naming the file with `strict=True`.
+    missing/undecodable image, more than `max_image_pixels` pixels or no caption are skipped and counted in
+    `skip_report` (per worker process when `num_workers > 0`) and in the batch's `skipped_pairs` entry
+    (`SkipReport.to_dict()`; only when something was skipped), which is how `NLIPTrainer` counts them across workers
+    and processes; with `strict=True` they raise `InvalidPairError` naming the file. Truncated-shard marker rows of a
+    streaming webdataset (`lost_samples` > 0) are counted, never batched. A batch with no valid pair left is returned as
+    `{"skipped_pairs": ...}` alone (`is_empty_batch`), which the trainer skips, instead of failing the run.
 
     Args:
         processor: called as `processor(images=..., text=..., padding=..., truncation=..., max_length=...,
@@ -41,13 +66,19 @@ class ImageTextCollator:
     caption_choice: Literal["random", "first"] = "random"
     seed: int = 0
     strict: bool = False
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     skip_report: SkipReport = field(default_factory=SkipReport)
+    # Set by NLIPTrainer when a locked image tower's outputs are cached and nothing else reads the pixels: examples
+    # whose index it returns True for are not decoded; their rows of `pixel_values` are zeros (all-cached batches get
+    # a [B, 3, 1, 1] placeholder).
+    is_image_cached: Callable[[int], bool] | None = field(default=None, repr=False, compare=False)
     # A shared-memory scalar: DataLoader workers, persistent ones included, read the epoch the trainer last set.
     _epoch: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.caption_choice not in ("random", "first"):
             raise ValueError(f"caption_choice must be 'random' or 'first', got {self.caption_choice!r}.")
+        self.max_image_pixels = check_max_image_pixels(self.max_image_pixels)
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
     @property
@@ -73,14 +104,24 @@ class ImageTextCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         images, texts, kept = [], [], []
+        skipped = SkipReport()
         for example in examples:
             if "index" not in example:
                 raise ValueError(
                     f"Example has no 'index' column (columns: {sorted(example)}); prepare the dataset with "
                     "trainers.data.prepare_pairs or one of the trainers.data loaders."
                 )
+            if example.get(LOST_COLUMN):
+                if self.strict:
+                    raise InvalidPairError(example["text"])
+                for report in (self.skip_report, skipped):
+                    report.add_count(TRUNCATED_SHARD, example[LOST_COLUMN], file=example["key"])
+                continue
             key = example.get("key") or image_key(example.get("image"), fallback=f"index {example['index']}")
-            image, reason, detail = decode_image(example.get("image"))
+            if self.is_image_cached is not None and self.is_image_cached(int(example["index"])):
+                image, reason, detail = None, None, None  # decoded (and valid) when it was first seen
+            else:
+                image, reason, detail = decode_image(example.get("image"), self.max_image_pixels)
             captions = non_empty_captions(example.get("text"))
             if reason is None and not captions:
                 reason, detail = EMPTY_CAPTION, f"caption {example.get('text')!r}"
@@ -88,15 +129,18 @@ class ImageTextCollator:
                 if self.strict:
                     raise InvalidPairError(f"Invalid image-text pair {key}: {reason} ({detail}).")
                 self.skip_report.add(key, reason, detail)
+                file = image_key(example.get("image"), fallback="") or example.get("key")
+                skipped.add_count(reason, 1, file=None if reason == EMPTY_CAPTION else file)  # logged once, above
                 continue
-            images.append(to_rgb(image))
+            images.append(None if image is None else to_rgb(image))
             texts.append(self._pick_caption(captions, int(example["index"])))
             kept.append(example)
         if not kept:
-            raise InvalidPairError(f"Every example of a batch of {len(examples)} was invalid: {self.skip_report}.")
+            return {SKIPPED_KEY: skipped.to_dict()}
 
+        decoded = [image for image in images if image is not None]
         encoded = self.processor(
-            images=images,
+            **({"images": decoded} if decoded else {}),
             text=texts,
             padding=self.padding,
             truncation=self.truncation,
@@ -104,7 +148,7 @@ class ImageTextCollator:
             return_tensors="pt",
         )
         batch: dict[str, Any] = {
-            "pixel_values": encoded["pixel_values"],
+            "pixel_values": _with_placeholders(encoded.get("pixel_values"), [image is not None for image in images]),
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
             "index": torch.tensor([int(example["index"]) for example in kept], dtype=torch.long),
@@ -120,4 +164,18 @@ class ImageTextCollator:
             batch["synthetic_attention_mask"] = synthetic_encoded["attention_mask"]
         if "concepts" in kept[0]:
             batch["concepts"] = [list(example["concepts"] or []) for example in kept]
+        if skipped.skipped:
+            batch[SKIPPED_KEY] = skipped.to_dict()
         return batch
+
+
+def _with_placeholders(pixel_values: torch.Tensor | None, decoded: list[bool]) -> torch.Tensor:
+    """`pixel_values` of the decoded examples, with zero rows where an example's image was not decoded."""
+    if all(decoded):
+        return pixel_values
+    shape = (3, 1, 1) if pixel_values is None else tuple(pixel_values.shape[1:])
+    dtype = torch.float32 if pixel_values is None else pixel_values.dtype
+    batch = torch.zeros((len(decoded), *shape), dtype=dtype)
+    if pixel_values is not None:
+        batch[torch.tensor(decoded)] = pixel_values
+    return batch

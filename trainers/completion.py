@@ -1,4 +1,4 @@
-"""NLIP noise completion's caption refresh (DESIGN.md §4.3 step 5): a concept-conditioned captioner writes a synthetic
+"""NLIP noise completion's caption refresh: a concept-conditioned captioner writes a synthetic
 caption for every training image; the trainer stores them by dataset index and feeds them to NITC as a second,
 noise-weighted positive.
 """

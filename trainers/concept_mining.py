@@ -1,4 +1,4 @@
-"""Mine a concept vocabulary from training captions: their most frequent content words (DESIGN §4.3, step 1).
+"""Mine a concept vocabulary from training captions: their most frequent content words.
 
 The mined names feed `model.build_concept_bank(vocabulary, processor)`; the shipped default vocabulary is
 `modeling_nlip.DEFAULT_CONCEPT_VOCABULARY`.

@@ -1,9 +1,12 @@
 """Turn the image-text data users have into training-ready `datasets` with `image`, `text` and `index` columns.
 
 Three inputs are supported: an `imagefolder` directory with `metadata.jsonl`/`metadata.csv` captions, img2dataset-style
-`webdataset` tar shards (map-style or streaming), and an in-memory `datasets.Dataset`. Broken pairs (missing or
-undecodable image, empty caption) are skipped and counted in a `SkipReport` by default, or raise an `InvalidPairError`
-naming the file with `strict=True`, so that a bad file never surfaces as a crash deep inside a DataLoader worker.
+`webdataset` tar shards (map-style or streaming, local or any fsspec URL; `trainers.shards`), and an in-memory
+`datasets.Dataset`. Broken pairs (missing or undecodable image, an image over `max_image_pixels`, empty caption, an
+imagefolder image without a metadata row, samples lost in a truncated shard) are skipped and counted by reason, with
+the broken files, in a `SkipReport` by default, or raise an `InvalidPairError` naming the file with `strict=True`, so
+that a bad file never surfaces as a crash deep inside a DataLoader worker. Metadata that is not UTF-8 raises a
+`MetadataError` naming the file, line and column; data in which every pair is invalid raises at once.
 
 Map-style datasets are validated once, up front, by a decoding pass (cached by `datasets` for file-backed data). A
 streaming dataset cannot be validated ahead of time: its `image` column stays undecoded (`Image(decode=False)`, dicts
@@ -12,13 +15,15 @@ with `bytes`/`path`) and `ImageTextCollator` decodes, skips and counts at batch 
 
 from __future__ import annotations
 
-import glob
+import csv
+import io
+import itertools
 import json
 import logging
 import os
+import random
 import re
-import tarfile
-import zlib
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +33,23 @@ import datasets
 import numpy as np
 import PIL.Image
 
+from .shards import ShardError, is_remote, iter_shard_samples, resolve_shards, shard_name, shard_offset, sidecar_count
+
 logger = logging.getLogger(__name__)
 
 MISSING_IMAGE = "missing image"
 UNDECODABLE_IMAGE = "undecodable image"
 EMPTY_CAPTION = "empty caption"
+TOO_MANY_PIXELS = "image over the pixel limit"
+TRUNCATED_SHARD = "lost in a truncated shard"
+UNLISTED_IMAGE = "image without a metadata row"
+
+# Images with more pixels than this are skipped and counted (`max_image_pixels` of the loaders and the collator;
+# `--max_image_pixels`). 64 Mpx (8192 x 8192) decodes to 192 MB of RGB; Pillow's own limit is 89.5 Mpx (a warning) and
+# 179 Mpx (an error). Web crawls rarely hold larger images, and training resizes to a few hundred pixels anyway.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# The most broken file paths a SkipReport keeps (all are counted).
+MAX_LISTED_FILES = 1000
 
 # How many skipped pairs are logged one by one (and kept in `SkipReport.examples`) before only the counts are updated.
 MAX_LOGGED_SKIPS = 20
@@ -40,6 +57,8 @@ MAX_LOGGED_SKIPS = 20
 AnyPairs = datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict | datasets.IterableDatasetDict
 
 _REASON_COLUMN = "_skip_reason"
+# The fallback keys of pairs without a file name ("row 12", "index 7"): not listed as broken files.
+_ROW_KEY = re.compile(r"^(row|index) -?\d+$")
 _KEY_COLUMN = "_skip_key"
 
 
@@ -53,24 +72,58 @@ class SkipReport:
 
     reasons: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str]] = field(default_factory=list)
+    # The broken files (unreadable images, images without a metadata row, truncated shards), first MAX_LISTED_FILES.
+    files: list[str] = field(default_factory=list)
+    # Per split, when a loader read several (the report itself holds their sum).
+    splits: dict[str, SkipReport] = field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
         return sum(self.reasons.values())
 
-    def add(self, key: str, reason: str, detail: str = "") -> None:
-        """Count one skipped pair; log it (with `detail`, e.g. the decoder's error) if among the first few."""
+    def _add_file(self, file: str | None) -> None:
+        if file and len(self.files) < MAX_LISTED_FILES and file not in self.files:
+            self.files.append(file)
+
+    def add(self, key: str, reason: str, detail: str = "", file: str | None = None) -> None:
+        """Count one skipped pair; log it (with `detail`, e.g. the decoder's error) if among the first few. `file`: the
+        broken file to list (default: `key` for an unreadable image)."""
         self.reasons[reason] += 1
+        if file is None and reason in (MISSING_IMAGE, UNDECODABLE_IMAGE, TOO_MANY_PIXELS) and not _ROW_KEY.match(key):
+            file = key
+        self._add_file(file)
         if len(self.examples) < MAX_LOGGED_SKIPS:
             self.examples.append((key, reason))
             logger.warning("Skipping image-text pair %s: %s%s", key, reason, f" ({detail})" if detail else "")
         elif len(self.examples) == MAX_LOGGED_SKIPS and self.skipped == MAX_LOGGED_SKIPS + 1:
             logger.warning("More than %d pairs skipped; further skips are only counted.", MAX_LOGGED_SKIPS)
 
-    def update(self, other: SkipReport) -> None:
-        """Add another report's counts (and as many of its examples as fit) to this one."""
+    def add_count(self, reason: str, count: int, file: str | None = None) -> None:
+        """Count `count` pairs lost at once (e.g. the rest of a truncated shard, logged by its reader)."""
+        if count > 0:
+            self.reasons[reason] += int(count)
+            self._add_file(file)
+
+    def update(self, other: SkipReport | Mapping[str, Any]) -> None:
+        """Add another report's counts (and as many of its examples and files as fit) to this one; `other` may also
+        be a `to_dict()` mapping (as the collator passes skips out of DataLoader workers)."""
+        if isinstance(other, Mapping):
+            other = SkipReport.from_dict(other)
         self.reasons.update(other.reasons)
         self.examples.extend(other.examples[: max(0, MAX_LOGGED_SKIPS - len(self.examples))])
+        for file in other.files:
+            self._add_file(file)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{reason: count, ..., "files": [broken file paths]}` (JSON-serialisable; what summaries record)."""
+        return {**{reason: int(count) for reason, count in sorted(self.reasons.items())}, "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SkipReport:
+        report = cls(reasons=Counter({k: int(v) for k, v in data.items() if k != "files"}))
+        for file in data.get("files", []):
+            report._add_file(file)
+        return report
 
     def __str__(self) -> str:
         if not self.skipped:
@@ -105,22 +158,67 @@ def image_key(value: Any, fallback: str) -> str:
     return filename or fallback
 
 
-def decode_image(value: Any) -> tuple[PIL.Image.Image | None, str | None, str]:
+def _open_image(value: str | dict) -> PIL.Image.Image:
+    """Open (lazily: the header only) an image given as a path or a `{"bytes", "path"}` dict."""
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    if value.get("bytes") is not None:
+        return PIL.Image.open(io.BytesIO(value["bytes"]))
+    path = value["path"]
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb") as file:
+            return PIL.Image.open(io.BytesIO(file.read()))
+    return PIL.Image.open(path)
+
+
+def check_max_image_pixels(max_image_pixels: int | None) -> int | None:
+    """Validate a pixel limit (None or 0: no limit of ours) and raise Pillow's own limit to it if it is above."""
+    if max_image_pixels is None or max_image_pixels == 0:
+        return None
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 0:
+        raise ValueError(f"max_image_pixels must be a positive integer (or 0/None: no limit), got {max_image_pixels!r}.")
+    if PIL.Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > PIL.Image.MAX_IMAGE_PIXELS:
+        PIL.Image.MAX_IMAGE_PIXELS = max_image_pixels  # Pillow errors at twice its limit: ours decides instead
+    return max_image_pixels
+
+
+def decode_image(
+    value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[PIL.Image.Image | None, str | None, str]:
     """Decode an image given as a PIL image, a path, or a `{"bytes", "path"}` dict.
 
-    Returns `(image, None, "")` on success and `(None, reason, detail)` when the image is missing or cannot be decoded,
-    so that callers decide whether to skip or raise.
+    Returns `(image, None, "")` on success and `(None, reason, detail)` when the image is missing, cannot be decoded or
+    has more than `max_pixels` pixels (checked from the header, before decoding; None: no limit), so that callers
+    decide whether to skip or raise.
     """
     if value is None or (isinstance(value, dict) and value.get("bytes") is None and not value.get("path")):
         return None, MISSING_IMAGE, "no image data"
     if isinstance(value, PIL.Image.Image):
-        return value, None, ""
+        image = value
+    else:
+        try:
+            with warnings.catch_warnings():
+                if max_pixels is not None:  # our limit decides: no DecompressionBombWarning from Pillow
+                    warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                image = _open_image(value)
+        except FileNotFoundError as err:
+            return None, MISSING_IMAGE, str(err)
+        except PIL.Image.DecompressionBombError as err:
+            return None, TOO_MANY_PIXELS, str(err)
+        except Exception as err:  # UnidentifiedImageError, OSError, ...
+            return None, UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}"
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        return None, TOO_MANY_PIXELS, f"{width}x{height} = {width * height:,} pixels > max_image_pixels {max_pixels:,}"
+    if image is value:
+        return image, None, ""
     try:
-        return datasets.Image().decode_example(value), None, ""
-    except FileNotFoundError as err:
-        return None, MISSING_IMAGE, str(err)
-    except Exception as err:  # Pillow raises many types: UnidentifiedImageError, OSError, SyntaxError, ...
+        image.load()
+    except Exception as err:  # Pillow raises many types: OSError (truncated), SyntaxError, ValueError, ...
         return None, UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}"
+    return image, None, ""
 
 
 def non_empty_captions(text: Any) -> list[str]:
@@ -143,13 +241,18 @@ def to_rgb(image: PIL.Image.Image, background: tuple[int, int, int] = (255, 255,
 
 
 def _pair_problems(
-    batch: dict[str, list], indices: list[int], image_column: str, text_column: str, key_column: str | None
+    batch: dict[str, list],
+    indices: list[int],
+    image_column: str,
+    text_column: str,
+    key_column: str | None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
     """`datasets.map` function: the skip reason ('' when fine) and the key of every pair of a batch."""
     reasons, keys = [], []
     for row, (image, text) in enumerate(zip(batch[image_column], batch[text_column], strict=True)):
         key = str(batch[key_column][row]) if key_column else image_key(image, fallback=f"row {indices[row]}")
-        _, reason, detail = decode_image(image)
+        _, reason, detail = decode_image(image, max_pixels)
         if reason is None and not non_empty_captions(text):
             reason, detail = EMPTY_CAPTION, f"caption {text!r}"
         reasons.append(f"{reason}\t{detail}" if reason else "")
@@ -165,8 +268,12 @@ def validate_pairs(
     key_column: str | None = None,
     strict: bool = False,
     num_proc: int | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    source: str = "The dataset",
 ) -> tuple[datasets.Dataset, SkipReport]:
-    """Decode every image once and drop the pairs with a missing/undecodable image or an empty caption.
+    """Decode every image once and drop the pairs with a missing/undecodable image, more than `max_image_pixels`
+    pixels (checked before decoding) or an empty caption. When no pair is left, an `InvalidPairError` says so, naming
+    `source` and the reasons.
 
     The check is a `datasets.map` that writes only the reasons (cached for file-backed data, so a later run re-reads
     the answer instead of re-decoding; its progress bar follows `datasets.disable_progress_bars()`). Rows are keyed by
@@ -179,7 +286,12 @@ def validate_pairs(
         batched=True,
         batch_size=64,
         with_indices=True,
-        fn_kwargs={"image_column": image_column, "text_column": text_column, "key_column": key_column},
+        fn_kwargs={
+            "image_column": image_column,
+            "text_column": text_column,
+            "key_column": key_column,
+            "max_pixels": check_max_image_pixels(max_image_pixels),
+        },
         remove_columns=checked.column_names,
         num_proc=num_proc,
         desc="Checking image-text pairs",
@@ -200,6 +312,11 @@ def validate_pairs(
         reason, detail = reasons[row].split("\t", 1)
         report.add(keys[row], reason, detail)
     logger.warning("%s out of %d.", report, len(reasons))
+    if len(bad) == len(reasons):
+        raise InvalidPairError(
+            f"{source}: every one of its {len(reasons)} image-text pairs is invalid ({report}); first: "
+            f"{report.examples[0][0]}. Check the image files and the caption column."
+        )
     bad_rows = set(bad)
     return dataset.select([row for row in range(len(reasons)) if row not in bad_rows]), report
 
@@ -228,11 +345,20 @@ def _finish(
     strict: bool,
     key_column: str | None,
     num_proc: int | None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    source: str = "The dataset",
+    split: str | None = None,
 ) -> datasets.Dataset:
-    """Validate (updating `report`) and index a map-style dataset already holding `image` and `text` columns."""
+    """Validate (updating `report`, and `report.splits[split]`) and index a map-style dataset already holding `image`
+    and `text` columns."""
     if validate:
-        dataset, split_report = validate_pairs(dataset, key_column=key_column, strict=strict, num_proc=num_proc)
+        dataset, split_report = validate_pairs(
+            dataset, key_column=key_column, strict=strict, num_proc=num_proc, max_image_pixels=max_image_pixels,
+            source=source,
+        )
         report.update(split_report)
+        if split is not None:
+            report.splits.setdefault(split, SkipReport()).update(split_report)
     return add_index(dataset)
 
 
@@ -245,6 +371,7 @@ def prepare_pairs(
     strict: bool = False,
     num_proc: int | None = None,
     return_report: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> datasets.Dataset | tuple[datasets.Dataset, SkipReport]:
     """Make an in-memory (or any map-style) `datasets.Dataset` training-ready.
 
@@ -271,7 +398,8 @@ def prepare_pairs(
             f"got feature {image_feature}."
         )
     report = SkipReport()
-    dataset = _finish(dataset, report, validate=validate, strict=strict, key_column=None, num_proc=num_proc)
+    dataset = _finish(dataset, report, validate=validate, strict=strict, key_column=None, num_proc=num_proc,
+                      max_image_pixels=max_image_pixels)
     return (dataset, report) if return_report else dataset
 
 
@@ -297,6 +425,64 @@ def _group_captions_by_image(dataset: datasets.Dataset) -> datasets.Dataset:
     return grouped.add_column("text", texts, feature=datasets.List(datasets.Value("string")))
 
 
+class MetadataError(ValueError):
+    """An imagefolder's `metadata.jsonl` / `metadata.csv` cannot be read; the message names the file and line."""
+
+
+def _metadata_file_names(path: str) -> list[str]:
+    """The `file_name` entries of an imagefolder metadata file (relative to its folder), after checking that it is
+    UTF-8 (and, for JSON lines, valid JSON): a `MetadataError` names the file, the line and what was found."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise MetadataError(
+            f"{path}: line {line}, column {column} is not UTF-8 (byte 0x{data[error.start]:02x}); imagefolder "
+            "metadata must be UTF-8. Re-encode the file, e.g. `iconv -f latin1 -t utf-8`."
+        ) from None
+    names: list[str] = []
+    if path.endswith(".jsonl"):
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise MetadataError(f"{path}: line {line_number} is not valid JSON ({error}).") from None
+            if not isinstance(row, dict):
+                raise MetadataError(f"{path}: line {line_number} must be a JSON object, got {type(row).__name__}.")
+            if isinstance(row.get("file_name"), str):
+                names.append(row["file_name"])
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            if isinstance(row.get("file_name"), str):
+                names.append(row["file_name"])
+    return names
+
+
+def _check_imagefolder(data_dir: str) -> tuple[list[str], list[str]]:
+    """Check every metadata file of an imagefolder (see `_metadata_file_names`); return the metadata files and the
+    image files that no metadata row lists (`imagefolder` leaves those out without a word)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    extensions = {ext.lower() for ext in IMAGE_EXTENSIONS}
+    metadata_files, images, listed = [], [], set()
+    for root, _, files in os.walk(data_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name in ("metadata.jsonl", "metadata.csv"):
+                metadata_files.append(path)
+                listed.update(os.path.normpath(os.path.join(root, entry)) for entry in _metadata_file_names(path))
+            elif os.path.splitext(name)[1].lower() in extensions:
+                images.append(os.path.normpath(path))
+    unlisted = [path for path in sorted(images) if path not in listed] if metadata_files else []
+    return metadata_files, unlisted
+
+
 def load_imagefolder_pairs(
     data_dir: str | os.PathLike,
     *,
@@ -306,6 +492,7 @@ def load_imagefolder_pairs(
     strict: bool = False,
     num_proc: int | None = None,
     return_report: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     **load_kwargs: Any,
 ) -> datasets.Dataset | datasets.DatasetDict | tuple[datasets.Dataset | datasets.DatasetDict, SkipReport]:
     """Load an `imagefolder` directory with `metadata.jsonl`/`metadata.csv` captions as image-text pairs.
@@ -313,69 +500,57 @@ def load_imagefolder_pairs(
     Several captions per image: a list column in `metadata.jsonl`, or repeated `file_name` rows in `metadata.csv`
     (merged into a list). Splits come from sub-folders (`train/`, `test/`, ...) as in `datasets`; `split=None` returns
     a `DatasetDict`. Broken pairs are skipped and counted (`strict=True`: raise), and `index` is added per split.
+    Image files that no metadata row lists are counted (`UNLISTED_IMAGE`, with their paths; `strict=True`: raise),
+    and metadata that is not UTF-8 (or not JSON, for `.jsonl`) raises a `MetadataError` naming the file and line.
     `load_kwargs` go to `datasets.load_dataset`.
     """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a directory.")
+    _, unlisted = _check_imagefolder(str(data_dir))
+    if unlisted and strict:
+        raise InvalidPairError(
+            f"{len(unlisted)} images in {str(data_dir)!r} have no metadata row (first: {unlisted[0]}); add rows for "
+            "them or pass strict=False to leave them out (counted)."
+        )
     loaded = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split, **load_kwargs)
     report = SkipReport()
+    names = list(loaded) if isinstance(loaded, datasets.DatasetDict) else [split or "train"]
+    aliases = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
+    for path in unlisted:
+        report.add(path, UNLISTED_IMAGE, file=path)
+        top = os.path.relpath(path, data_dir).split(os.sep)[0].lower()
+        owner = top if top in names else aliases.get(top) if aliases.get(top) in names else \
+            names[0] if len(names) == 1 else "train"
+        report.splits.setdefault(owner, SkipReport()).add_count(UNLISTED_IMAGE, 1, file=path)
+    if unlisted:
+        logger.warning("%d images in %s have no metadata row and are left out (first: %s).", len(unlisted),
+                       data_dir, unlisted[0])
 
-    def prepare(dataset: datasets.Dataset) -> datasets.Dataset:
+    def prepare(dataset: datasets.Dataset, name: str | None) -> datasets.Dataset:
+        source = f"The imagefolder {str(data_dir)!r}" + (f" (split {name!r})" if name else "")
         _check_columns(dataset, ["image", caption_column], f"The imagefolder metadata in {str(data_dir)!r}")
         if caption_column != "text":
             if "text" in dataset.column_names:
                 dataset = dataset.remove_columns("text")
             dataset = dataset.rename_column(caption_column, "text")
         dataset = _group_captions_by_image(dataset)
-        return _finish(dataset, report, validate=validate, strict=strict, key_column=None, num_proc=num_proc)
+        return _finish(dataset, report, validate=validate, strict=strict, key_column=None, num_proc=num_proc,
+                       max_image_pixels=max_image_pixels, source=source, split=name)
 
     if isinstance(loaded, datasets.DatasetDict):
-        result = datasets.DatasetDict({name: prepare(dataset) for name, dataset in loaded.items()})
+        result = datasets.DatasetDict({name: prepare(dataset, name) for name, dataset in loaded.items()})
     else:
-        result = prepare(loaded)
+        result = prepare(loaded, split)
     return (result, report) if return_report else result
 
 
 # ------------------------------------------------------------------------------------------------------ webdataset
 
-_WEBDATASET_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/000012.jpg" -> ("dir/000012", "jpg")
-
-
-def _iter_tar_samples(
-    path: str, read_data: bool = True, strict: bool = False
-) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """Yield `(key, {extension: bytes})` per webdataset sample of a tar shard (consecutive files sharing a key).
-
-    A shard cut inside a header ends there (tarfile reads it as the end of the archive); one cut inside a file's data,
-    or with a corrupt header, ends before the sample being read, with a warning (`strict=True`: `InvalidPairError`
-    naming the shard). Reading with and without data stops at the same sample, so the shard offsets used for
-    streaming indices stay consistent.
-    """
-    key, fields = None, {}
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                match = _WEBDATASET_KEY.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                member_key, extension = match.group(1), match.group(2).lower()
-                if key is not None and member_key != key:
-                    yield key, fields
-                    fields = {}
-                key = member_key
-                fields[extension] = tar.extractfile(member).read() if read_data else None
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        if strict:
-            raise InvalidPairError(f"Cannot read webdataset shard {path}: {err}") from err
-        logger.warning(
-            "Webdataset shard %s is truncated or corrupt (%s); skipping its samples from %s on.",
-            path,
-            err,
-            key or "the start",
-        )
-        return
-    if key is not None:
-        yield key, fields
+# Column of webdataset rows that marks a truncated shard's lost samples (a marker row, not a pair: index -1).
+LOST_COLUMN = "lost_samples"
+# Prefix of `IterableDataset.info.description` that records the shard list of a streaming webdataset (what the
+# trainer fingerprints a stream by).
+STREAM_DESCRIPTION_PREFIX = "nlip-webdataset-stream:"
 
 
 def _caption_from_fields(fields: dict[str, bytes | None], caption_keys: Sequence[str]) -> str | None:
@@ -395,38 +570,65 @@ def _caption_from_fields(fields: dict[str, bytes | None], caption_keys: Sequence
     return None
 
 
+def _lost_marker(shard: str, lost: int, problem: str) -> dict[str, Any]:
+    return {"image": None, "text": problem, "key": shard, "index": -1, LOST_COLUMN: lost}
+
+
 def _generate_webdataset_pairs(
-    shards: list[str], offsets: list[int], image_keys: tuple[str, ...], caption_keys: tuple[str, ...], signature: str
+    shards: list[str],
+    shard_ids: list[int],
+    all_shards: tuple[str, ...],
+    image_keys: tuple[str, ...],
+    caption_keys: tuple[str, ...],
+    strict: bool,
+    stable_index: bool,
+    signature: str,
+    resample_seed: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """`from_generator` body: one row per sample, `index` = the shard's offset + the sample's position in it.
+    """`from_generator` body: one row per sample, read in one sequential pass per shard (no pre-scan).
 
-    `signature` (file sizes and modification times) only makes `datasets`' cache fingerprint change with the files.
+    With `stable_index` (streaming) `index` = the shard's offset (the sample count of the shards before it in
+    `all_shards`: sidecar counts or header scans, done lazily and cached, only for the shards before the ones this
+    worker reads) + the sample's position in its shard. A truncated shard adds a marker row (`LOST_COLUMN` = samples
+    lost, index -1) that the collator / loader count. `signature` (file sizes and modification times) only makes
+    `datasets`' cache fingerprint change with the files. With `resample_seed`, shards are drawn with replacement from
+    all the shards, forever, by a generator seeded with the seed and the worker's first shard (deterministic: a resume
+    replays it).
     """
-    for shard, offset in zip(shards, offsets, strict=True):
-        name = os.path.basename(shard)
-        for position, (key, fields) in enumerate(_iter_tar_samples(shard)):
-            extension = next((ext for ext in image_keys if fields.get(ext) is not None), None)
-            yield {
-                "image": {"bytes": fields[extension], "path": f"{name}/{key}.{extension}"} if extension else None,
-                "text": _caption_from_fields(fields, caption_keys),
-                "key": f"{name}/{key}",
-                "index": offset + position,
-            }
-
-
-def _resolve_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Expand a directory (all `*.tar*` inside), a glob, or a list of those into a sorted list of tar files."""
-    patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
-    shards: list[str] = []
-    for pattern in map(str, patterns):
-        if os.path.isdir(pattern):
-            found = sorted(glob.glob(os.path.join(pattern, "*.tar*")))
-        else:
-            found = sorted(glob.glob(pattern))
-        if not found:
-            raise FileNotFoundError(f"No webdataset tar shards found for {pattern!r} (a directory, a glob or a file).")
-        shards.extend(found)
-    return shards
+    order = zip(shards, shard_ids, strict=True)
+    if resample_seed is not None and shard_ids:
+        # `datasets` runs this generator once per shard of a worker; the first run never ends. Its generator is seeded
+        # by that shard (distinct for every worker of every process) and draws from all the shards.
+        rng = random.Random(f"{resample_seed}/{shard_ids[0]}")
+        everything = list(zip(all_shards, range(len(all_shards))))
+        order = (rng.choice(everything) for _ in itertools.count())
+    for shard, shard_id in order:
+        name = shard_name(shard)
+        losses: list[tuple[int, str]] = []
+        try:
+            offset = shard_offset(all_shards, shard_id, strict) if stable_index else 0
+            expected = sidecar_count(shard) if stable_index else None
+            samples = iter_shard_samples(
+                shard, strict=strict, expected=expected, on_loss=lambda lost, problem: losses.append((lost, problem)),
+                warn=stable_index,
+            )
+            for position, (key, fields) in enumerate(samples):
+                if expected is not None and position >= expected:
+                    logger.warning("Webdataset shard %s has more samples than its sidecar count %d; the rest are not "
+                                   "read (their indices would collide with the next shard's).", shard, expected)
+                    break
+                extension = next((ext for ext in image_keys if fields.get(ext) is not None), None)
+                yield {
+                    "image": {"bytes": fields[extension], "path": f"{name}/{key}.{extension}"} if extension else None,
+                    "text": _caption_from_fields(fields, caption_keys),
+                    "key": f"{name}/{key}",
+                    "index": offset + position,
+                    LOST_COLUMN: 0,
+                }
+        except ShardError as error:
+            raise InvalidPairError(str(error)) from None
+        for lost, problem in losses:
+            yield _lost_marker(shard, lost, problem)
 
 
 _WEBDATASET_FEATURES = datasets.Features(
@@ -435,8 +637,35 @@ _WEBDATASET_FEATURES = datasets.Features(
         "text": datasets.Value("string"),
         "key": datasets.Value("string"),
         "index": datasets.Value("int64"),
+        LOST_COLUMN: datasets.Value("int64"),
     }
 )
+
+
+def _signature(shards: list[str]) -> str:
+    """Sizes and modification times (ETags for URLs) of the shards, for `datasets`' cache fingerprint."""
+    parts = []
+    for shard in shards:
+        if is_remote(shard):
+            import fsspec
+
+            try:
+                fs, path = fsspec.core.url_to_fs(shard)
+                info = fs.info(path)
+                parts.append(f"{shard}:{info.get('size')}:{info.get('ETag') or info.get('etag') or ''}")
+            except (OSError, ValueError):
+                parts.append(shard)
+        else:
+            parts.append(f"{shard}:{os.path.getsize(shard)}:{os.path.getmtime(shard)}")
+    return ";".join(parts)
+
+
+def stream_shards(dataset: Any) -> list[str] | None:
+    """The shard list a streaming dataset of `load_webdataset_pairs` reads (None for any other dataset)."""
+    description = getattr(getattr(dataset, "info", None), "description", None) or ""
+    if not description.startswith(STREAM_DESCRIPTION_PREFIX):
+        return None
+    return json.loads(description[len(STREAM_DESCRIPTION_PREFIX) :])["shards"]
 
 
 def _webdataset_split(
@@ -449,24 +678,54 @@ def _webdataset_split(
     strict: bool,
     num_proc: int | None,
     report: SkipReport,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    split: str | None = None,
+    resample_seed: int | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    shards = _resolve_shards(data_files)
-    counts = [sum(1 for _ in _iter_tar_samples(shard, read_data=False, strict=strict)) for shard in shards]
+    shards = resolve_shards(data_files)
+    if resample_seed is not None and not streaming:
+        raise ValueError("resample=True draws shards with replacement forever: it needs streaming=True.")
     gen_kwargs = {
         "shards": shards,
-        "offsets": np.cumsum([0] + counts[:-1]).tolist(),
+        "shard_ids": list(range(len(shards))),
+        "all_shards": tuple(shards),
         "image_keys": tuple(key.lower() for key in image_keys),
         "caption_keys": tuple(key.lower() for key in caption_keys),
-        "signature": ";".join(f"{os.path.getsize(s)}:{os.path.getmtime(s)}" for s in shards),
+        "strict": strict,
+        "stable_index": streaming,
+        "signature": "" if streaming else _signature(shards),
+        "resample_seed": resample_seed,
     }
     if streaming:
-        return datasets.IterableDataset.from_generator(
+        stream = datasets.IterableDataset.from_generator(
             _generate_webdataset_pairs, features=_WEBDATASET_FEATURES, gen_kwargs=gen_kwargs
         )
+        stream.info.description = STREAM_DESCRIPTION_PREFIX + json.dumps({"shards": shards})
+        return stream
+    if strict:  # fail before building anything: a header scan (no data read) finds truncated and corrupt shards
+        for shard in shards:
+            try:
+                for _ in iter_shard_samples(shard, read_data=False, seekable=True, strict=True, warn=False):
+                    pass
+            except ShardError as error:
+                raise InvalidPairError(str(error)) from None
     dataset = datasets.Dataset.from_generator(
         _generate_webdataset_pairs, features=_WEBDATASET_FEATURES, gen_kwargs=gen_kwargs, num_proc=num_proc
-    ).cast_column("image", datasets.Image())
-    return _finish(dataset, report, validate=validate, strict=strict, key_column="key", num_proc=num_proc)
+    )
+    lost = np.asarray(column_values(dataset, LOST_COLUMN), dtype=np.int64)
+    split_report = SkipReport()
+    for row in np.flatnonzero(lost):
+        marker = dataset[int(row)]
+        logger.warning(marker["text"])
+        split_report.add_count(TRUNCATED_SHARD, int(marker[LOST_COLUMN]), file=marker["key"])
+    if split_report.skipped:
+        dataset = dataset.select(np.flatnonzero(lost == 0))
+        report.update(split_report)
+        if split is not None:
+            report.splits.setdefault(split, SkipReport()).update(split_report)
+    dataset = dataset.remove_columns(LOST_COLUMN).cast_column("image", datasets.Image())
+    return _finish(dataset, report, validate=validate, strict=strict, key_column="key", num_proc=num_proc,
+                   max_image_pixels=max_image_pixels, source=f"The webdataset shards {data_files!s}", split=split)
 
 
 def load_webdataset_pairs(
@@ -479,18 +738,31 @@ def load_webdataset_pairs(
     strict: bool = False,
     num_proc: int | None = None,
     return_report: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    resample: bool = False,
+    seed: int = 0,
 ) -> AnyPairs | tuple[AnyPairs, SkipReport]:
     """Load img2dataset-style webdataset tar shards (`KEY.jpg` + `KEY.txt` / `KEY.json` with a "caption") as pairs.
 
-    `data_files`: a directory (its `*.tar*`), a glob, a tar file, a list of those, or a `{split: files}` mapping
-    (returns a `DatasetDict`/`IterableDatasetDict`). The image is the first of `image_keys` a sample has; the caption
-    the first of `caption_keys`. Columns: `image`, `text`, `key` (`shard.tar/KEY`) and `index`.
+    `data_files`: a directory (its `*.tar*`), a glob, a brace range (`shards/{00000..00099}.tar`), a tar file, a URL
+    any installed fsspec filesystem reads (`https://...`, `hf://datasets/...`, `s3://...`; globs where the filesystem
+    lists), a list of those, or a `{split: files}` mapping (returns a `DatasetDict`/`IterableDatasetDict`). The image
+    is the first of `image_keys` a sample has; the caption the first of `caption_keys`. Columns: `image`, `text`, `key`
+    (`shard.tar/KEY`) and `index`.
 
-    Map-style: broken pairs are skipped and counted (`strict=True`: raise) and `index` is 0..N-1. Streaming
-    (`streaming=True`, an `IterableDataset` sharded by tar file for DataLoader workers and
-    `datasets.distributed.split_dataset_by_node`): `index` is the shard's offset (samples in the shards before it)
-    plus the sample's position, stable across runs and workers for the same shard list; images stay undecoded and
-    `ImageTextCollator` skips and counts broken pairs (its `skip_report`; the report returned here stays empty).
+    A truncated or corrupt shard (cut inside a file or a header) gives the samples before the damage, a warning naming
+    the shard and the samples lost, and a `TRUNCATED_SHARD` count (`strict=True`: `InvalidPairError`).
+
+    Map-style: one sequential read per shard, broken pairs skipped and counted (`strict=True`: raise), `index` 0..N-1.
+    Streaming (`streaming=True`, an `IterableDataset` sharded by tar file for DataLoader workers and
+    `datasets.distributed.split_dataset_by_node`; nothing is read before iteration starts): `index` is the shard's
+    offset (samples in the shards before it, from img2dataset `_stats.json` sidecars or a header scan of those shards
+    only) plus the sample's position, stable across runs, resumes, processes and workers for the same shard list;
+    images stay undecoded and `ImageTextCollator` skips and counts broken pairs and truncation losses (the report
+    returned here stays empty). It also has a `lost_samples` column: marker rows (index -1) of truncation losses.
+    `resample=True` (streaming only; open_clip's `--dataset-resampled`): each DataLoader worker of each process draws
+    shards with replacement from all the shards, endlessly, with a generator of its own (seeded by `seed` and the
+    worker's first shard); indices stay those of the pairs.
     """
     options = dict(
         streaming=streaming,
@@ -500,9 +772,11 @@ def load_webdataset_pairs(
         strict=strict,
         num_proc=num_proc,
         report=SkipReport(),
+        max_image_pixels=max_image_pixels,
+        resample_seed=seed if resample else None,
     )
     if isinstance(data_files, Mapping):
-        splits = {name: _webdataset_split(files, **options) for name, files in data_files.items()}
+        splits = {name: _webdataset_split(files, split=name, **options) for name, files in data_files.items()}
         result = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(splits)
     else:
         result = _webdataset_split(data_files, **options)

@@ -1,5 +1,5 @@
 """Gathers across data-parallel processes: features with gradient (global-batch contrastive losses) and per-sample
-state without (so that every process holds the same loss bank and noise estimates; DESIGN.md §8).
+state without (so that every process holds the same loss bank and noise estimates).
 
 Why an autograd-aware gather: every process computes the same global loss from the gathered features, and the
 gather's backward (a reduce-scatter sum) hands each process `world_size ×` the gradient of its own rows; DDP's gradient

@@ -1,4 +1,4 @@
-"""Per-sample latest loss, indexed by a stable dataset index (DESIGN.md §4.1).
+"""Per-sample latest loss, indexed by a stable dataset index.
 
 The noise estimator fits its mixture to these losses; in online mode the trainer records the loss the training step
 already computed, in pass mode an extra no-grad pass fills it. Each entry is a float32 loss (NaN = never seen) plus an

@@ -1,4 +1,4 @@
-"""NPC's clean memory bank (DESIGN.md §4.4 step 1; Zhang et al., "Negative Pre-aware for Noisy Cross-modal Matching",
+"""NPC's clean memory bank (step 1 of the paper's method; Zhang et al., "Negative Pre-aware for Noisy Cross-modal Matching",
 AAAI 2024).
 
 The clean set is the pairs with clean probability above a threshold. Every training sample gets two memory entries: the

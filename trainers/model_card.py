@@ -21,6 +21,18 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 TRAINING_SUMMARY_NAME = "nlip_training_summary.json"
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "model_card_template.md"
 PIPELINE_TAGS = {"zero-shot-image-classification": "AutoModel", "image-to-text": "AutoModelForImageTextToText"}
+# What the loading snippets show when the Hub repo is not known yet (a local training run): visibly a placeholder.
+REPO_PLACEHOLDER = "<your-username>/<repo-name>"
+# What each saved class is, for the card's first lines and title.
+HEADS = {
+    "NLIPModel": ("dual encoder", "a dual encoder (image tower + text tower projected into one embedding space)"),
+    "NLIPForPreTraining": (
+        "pre-training checkpoint",
+        "a pre-training checkpoint: a dual encoder plus a concept-conditioned captioning decoder, trained jointly; it "
+        "loads as the dual encoder (`AutoModel`) or as the captioner (`AutoModelForImageTextToText`)",
+    ),
+    "NLIPForCaptioning": ("captioner", "a captioning model (image tower + concept-conditioned text decoder)"),
+}
 # Metric names of `trainers.metrics.retrieval_metrics`: reported under a retrieval task in `model-index`.
 RETRIEVAL_METRIC = re.compile(r"(i2t|t2i)_R@\d+|rsum")
 
@@ -44,7 +56,9 @@ METHODS = {
         "NLIP noise-harmonization and noise-completion",
         "each pair's loss is tracked during training and, after a warm-up, a two-component Gaussian mixture over the "
         "normalized losses gives the pair a noise probability `ε`; the pair's contrastive term is weighted by `1 − ε` "
-        "and a term `λ·ε·s_ii` pushes likely mismatched pairs apart. With noise-completion, a concept-conditioned "
+        "(normalized by the total weight in the default balanced form) and a term `λ·ε·s_ii` (bounded at the "
+        "random-pair similarity in the balanced form) pushes likely mismatched pairs apart. With noise-completion, a "
+        "concept-conditioned "
         "captioner writes synthetic captions that serve as a second positive weighted by `ε`",
         "Huang et al., AAAI 2023",
         "Huang et al. *NLIP: Noise-Robust Language-Image Pre-training.* AAAI 2023.",
@@ -56,6 +70,14 @@ METHODS = {
         "`w = tanh(ℓ⁰/ℓ¹)`; the model is updated with the confidence-weighted contrastive loss plus the memory-bank loss",
         "Zhang et al., AAAI 2024",
         "Zhang et al. *Negative Pre-aware for Noisy Cross-modal Matching.* AAAI 2024.",
+    ),
+    "rcl": _Method(
+        "RCL complementary contrastive loss",
+        "instead of pulling each image towards its own caption, every non-matching pair is pushed apart with the bounded "
+        "complementary loss `−Σ_{j≠i} log(1 − p_ij)`, which a shuffled caption cannot mislead much; it needs no noise "
+        "estimate",
+        "Hu et al., TPAMI 2023",
+        "Hu et al. *Cross-Modal Retrieval with Partially Mismatched Pairs.* TPAMI 2023.",
     ),
     "srcl": _Method(
         "SRCL cross-modal similarity regulation",
@@ -99,6 +121,39 @@ def _combination_note(parts: list[str]) -> str | None:
     if "srcl" in parts:
         clauses.append("SRCL's weights re-weight the negatives in its denominator")
     return f"The components are combined in one objective: {' and '.join(clauses)}."
+
+
+def _tower(config: Any) -> str | None:
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    model_type = config.get("model_type") or config.get("architecture") or "custom"
+    parts = []
+    if model_type == "timm_wrapper" and config.get("architecture"):
+        parts.append(f"timm `{config['architecture']}`")
+        input_size = (config.get("pretrained_cfg") or {}).get("input_size")
+        if input_size:
+            parts.append(f"{input_size[-1]} px images")
+    for key, label in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size")):
+        if config.get(key) is not None:
+            parts.append(f"{config[key]} {label}")
+    if config.get("image_size") is not None:
+        patch = f", patch {config['patch_size']}" if config.get("patch_size") else ""
+        parts.append(f"{config['image_size']} px images{patch}")
+    name = config.get("_name_or_path") or config.get("pretrained_model_name")
+    described = f"`{model_type}`" + (f" ({', '.join(parts)})" if parts else "")
+    return described + (f", from `{name}`" if name and not str(name).startswith("/") else "")
+
+
+def describe_towers(config: Any) -> dict[str, str]:
+    """`{"vision": ..., "text": ..., "decoder": ...}`: each tower of an NLIP config in words (model type and size)."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    towers = {name: _tower(get(f"{name}_config")) for name in ("vision", "text", "decoder")}
+    projection = get("projection_dim")
+    if projection is not None:
+        towers["projection"] = f"{projection}-dim shared embedding space"
+    return {name: value for name, value in towers.items() if value}
 
 
 def _is_known(value: Any) -> bool:
@@ -153,6 +208,12 @@ class TrainingSummary:
     - `evaluation_results`: dataset name -> {metric -> number}, e.g. `{"fashion_mnist test": {"top1": 71.2}}`.
     - `training_hyperparameters`: name -> value.
     - `license`: license id for the card metadata.
+    - `architecture`: the saved class (`NLIPModel`, `NLIPForPreTraining`, `NLIPForCaptioning`): what the card says
+      the checkpoint is and how it loads.
+    - `towers`: tower name (`vision`, `text`, `decoder`, `projection`) -> description (`describe_towers`).
+    - `dataset_description`: the training data in words, for local data without a Hub id.
+    - `skipped_pairs`: the training pairs left out, reason -> count, plus `files` (broken file paths) and
+      `empty_batches` (batches skipped whole); `NLIPTrainer.skipped_pairs()`.
     """
 
     model_name: str | None = None
@@ -165,6 +226,10 @@ class TrainingSummary:
     evaluation_results: dict[str, dict[str, float]] | None = None
     training_hyperparameters: dict[str, Any] | None = None
     license: str = "apache-2.0"
+    architecture: str | None = None
+    towers: dict[str, str] | None = None
+    dataset_description: str | None = None
+    skipped_pairs: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.method is not None:
@@ -178,6 +243,12 @@ class TrainingSummary:
         _check_mapping("noise_settings", self.noise_settings, numbers_only=False)
         _check_mapping("noise_statistics", self.noise_statistics, numbers_only=True)
         _check_mapping("training_hyperparameters", self.training_hyperparameters, numbers_only=False)
+        _check_mapping("skipped_pairs", self.skipped_pairs, numbers_only=False)
+        if self.architecture is not None and self.architecture not in HEADS:
+            raise ValueError(f"architecture={self.architecture!r}: expected one of {list(HEADS)}.")
+        if self.towers is not None and (not isinstance(self.towers, dict)
+                                        or not all(isinstance(v, str) for v in self.towers.values())):
+            raise TypeError(f"towers must be a dict of tower name -> description, got {self.towers!r}.")
         if self.evaluation_results is not None and not isinstance(self.evaluation_results, dict):
             raise TypeError("evaluation_results must be a dict of dataset -> {metric: number}, "
                             f"got {self.evaluation_results!r}.")
@@ -209,8 +280,28 @@ class TrainingSummary:
             raise ValueError(f"{path} has unknown keys {unknown}; expected some of {sorted(fields)}.")
         return cls(**data)
 
+    @property
+    def head(self) -> str:
+        """The saved class: `architecture`, else what `pipeline_tag` implies."""
+        if self.architecture is not None:
+            return self.architecture
+        return "NLIPForCaptioning" if self.pipeline_tag == "image-to-text" else "NLIPModel"
+
+    def title(self, repo_id: str | None) -> str:
+        """The card's heading: the Hub repo's name when known, else what the checkpoint is (never a bare folder)."""
+        if repo_id:
+            return repo_id.split("/")[-1]
+        words = f"NLIP {HEADS[self.head][0]}"
+        if self.method:
+            words += f" trained with `{self.method}`"
+        data = self.datasets[0] if self.datasets else None
+        if data:
+            words += f" on {data}"
+        return words
+
     def to_model_card(self, repo_id: str | None = None) -> ModelCard:
-        """Render this summary as a model card; `repo_id` goes into the loading snippets (default: `model_name`)."""
+        """Render this summary as a model card; `repo_id` goes into the loading snippets (default: the visible
+        placeholder `REPO_PLACEHOLDER`, to be replaced by the repo the checkpoint is pushed to)."""
         if self.model_name is None:
             raise ValueError("A model card needs a model_name.")
         methods = method_components(self.method) if self.method else []
@@ -236,7 +327,13 @@ class TrainingSummary:
             card_data,
             template_path=str(TEMPLATE_PATH),
             model_name=self.model_name,
-            repo_id=repo_id or self.model_name,
+            title=self.title(repo_id),
+            repo_id=repo_id or REPO_PLACEHOLDER,
+            repo_known=bool(repo_id),
+            head=self.head,
+            head_description=HEADS[self.head][1],
+            towers=list((self.towers or {}).items()),
+            dataset_description=self.dataset_description,
             method=self.method,
             method_names=methods,
             methods=[METHODS[m] for m in methods],
@@ -247,7 +344,19 @@ class TrainingSummary:
             noise_statistics=[(NOISE_STATISTIC_LABELS.get(k, f"`{k}`"), v) for k, v in _rows(self.noise_statistics)],
             evaluation_results=[(d, m, _format(v)) for d, metrics in evaluation.items() for m, v in metrics.items()],
             training_hyperparameters=_rows(self.training_hyperparameters),
+            skipped_pairs=_skip_rows(self.skipped_pairs),
+            skipped_files=list((self.skipped_pairs or {}).get("files") or [])[:20],
+            num_skipped_files=len((self.skipped_pairs or {}).get("files") or []),
         )
+
+
+def _skip_rows(skipped: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(what, count) rows of the skipped-pairs section; empty when nothing was skipped."""
+    rows = [(reason, _format(count)) for reason, count in (skipped or {}).items()
+            if reason not in ("files", "empty_batches") and isinstance(count, int) and count]
+    if (skipped or {}).get("empty_batches"):
+        rows.append(("batches with no valid pair (skipped whole)", _format(skipped["empty_batches"])))
+    return rows
 
 
 def render_model_card(*, repo_id: str | None = None, **summary: Any) -> ModelCard:

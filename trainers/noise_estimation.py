@@ -1,4 +1,4 @@
-"""Clean-probability estimation from per-sample losses (DESIGN.md §4.1, shared by NLIP and NPC).
+"""Clean-probability estimation from per-sample losses (the memorisation effect; shared by NLIP and NPC).
 
 Networks fit clean pairs before they memorise noisy ones, so early in training the loss of a pair separates clean from
 noisy. A 2-component Gaussian mixture (scikit-learn) is fit to the min-max normalised losses and the posterior of the
@@ -20,7 +20,9 @@ from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
 
-_SETTINGS = ("max_fit_samples", "min_samples", "seed", "max_iter", "tol", "reg_covar")
+_SETTINGS = ("max_fit_samples", "min_samples", "seed", "max_iter", "tol", "reg_covar", "max_noisy_fraction")
+# Settings added after the first checkpoint format, with the value older states implicitly used.
+_LATER_SETTINGS = {"max_noisy_fraction": 1.0}
 
 
 @dataclass
@@ -101,6 +103,10 @@ class CleanProbabilityEstimator:
       the first fit); ±inf are left out of the fit and predicted through the clipping above.
     - Degenerate input — fewer than `min_samples` finite losses, all finite losses equal, or a failed fit — does not
       raise: every sample gets `p = 1`, and `reason` says why (also logged as a warning).
+    - A fit is not trusted blindly: when it calls more than `max_noisy_fraction` of the finite losses noisy (`p < 0.5`)
+      it is discarded the same way (`p = 1`, `reason` says so). On small data the per-pair losses barely separate and a
+      mixture can put almost every pair in its "noisy" component (95 % of 60 pairs with 30 % noise); down-weighting
+      nearly everything only removes signal.
 
     Args:
         max_fit_samples: the most losses the mixture is fit on.
@@ -119,11 +125,15 @@ class CleanProbabilityEstimator:
         max_iter: int = 100,
         tol: float = 1e-3,
         reg_covar: float = 5e-4,
+        max_noisy_fraction: float = 0.9,
     ):
         if min_samples < 2:
             raise ValueError(f"`min_samples` must be >= 2 to fit two components; got {min_samples}.")
         if max_fit_samples < min_samples:
             raise ValueError(f"`max_fit_samples` ({max_fit_samples}) must be >= `min_samples` ({min_samples}).")
+        if not 0.0 < max_noisy_fraction <= 1.0:
+            raise ValueError(f"`max_noisy_fraction` must be in (0, 1]; got {max_noisy_fraction}.")
+        self.max_noisy_fraction = max_noisy_fraction
         self.max_fit_samples = max_fit_samples
         self.min_samples = min_samples
         self.seed = seed
@@ -187,6 +197,13 @@ class CleanProbabilityEstimator:
         )
         self._reason = None
         estimate = self.predict(values)
+        noisy_fraction = float((estimate.clean_prob[np.isfinite(values)] < 0.5).mean())
+        if noisy_fraction > self.max_noisy_fraction:
+            self._fall_back(
+                f"the fit calls {noisy_fraction:.1%} of the pairs noisy, more than max_noisy_fraction="
+                f"{self.max_noisy_fraction:g}; a mixture that flags almost everything is not separating clean from noisy"
+            )
+            return self.predict(values)
         logger.info(
             "Noise estimation: clean/noisy loss means %.4g/%.4g, weights %.3f/%.3f, estimated noise rate %.3f.",
             *estimate.means,
@@ -224,6 +241,7 @@ class CleanProbabilityEstimator:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = {**_LATER_SETTINGS, **state_dict}
         expected = set(self.state_dict())
         missing = expected - set(state_dict)
         if missing:

@@ -17,6 +17,7 @@ def plot_loss_distribution(
     is_noisy: np.ndarray | None = None,
     title: str = "Per-pair contrastive loss and the fitted noise GMM",
     bins: int = 60,
+    xlabel: str = "per-pair loss (latest recorded)",
 ) -> str:
     """Save a histogram of `losses` (density; injected-noise pairs in a second colour when `is_noisy` is given) with
     the GMM's clean and noisy components and the 0.5-posterior threshold overlaid. Returns the path written."""
@@ -48,7 +49,7 @@ def plot_loss_distribution(
             ax.axvline(estimate.loss_threshold, color="black", linestyle="--", label="p(clean) = 0.5")
     else:
         ax.text(0.5, 0.9, f"no GMM: {estimate.reason}", transform=ax.transAxes, ha="center")
-    ax.set_xlabel("per-pair loss (latest recorded)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -8,6 +8,7 @@ process zero alone writes it: tensors to `nlip_noise_state.safetensors`, everyth
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -20,12 +21,21 @@ from .loss_bank import LossBank
 from .memory_bank import MemoryBank
 from .metrics import noise_detection_metrics
 from .noise_estimation import CleanProbabilityEstimator, NoiseEstimate
+from .reference_prior import ReferencePrior, combine_noise
 
 
 NOISE_STATE_NAME = "nlip_noise_state"
 NOISE_STATE_TENSORS = f"{NOISE_STATE_NAME}.safetensors"
 NOISE_STATE_JSON = f"{NOISE_STATE_NAME}.json"
-_SCHEMA_VERSION = 1
+# 2: adds `data_fingerprint` and the batch-time skip counts. Version 1 states still load (their data cannot be verified).
+_SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_REQUIRED_METADATA = ("growable", "estimator", "prepared_epoch", "num_fits", "last_fit_epoch", "memory_epoch",
+                      "completion_epoch", "statistics", "estimate_summary", "synthetic_captions")
+
+
+class NoiseStateError(ValueError):
+    """A saved noise state is damaged or does not fit the training data; the message names the file."""
 
 
 class NoiseState:
@@ -39,7 +49,7 @@ class NoiseState:
 
     Attributes:
         loss_bank: latest per-sample plain InfoNCE loss `CE_i`.
-        estimator: the 2-component GMM of DESIGN §4.1.
+        estimator: the 2-component GMM over the loss bank (`CleanProbabilityEstimator`).
         memory_bank: NPC's clean memory bank (None until built).
         synthetic_captions: noise completion's caption per index (None until generated; an entry is None for an index
             without an image).
@@ -48,11 +58,26 @@ class NoiseState:
         num_fits: how many times the mixture was fit; `last_fit_epoch`, `memory_epoch`, `completion_epoch`: the epochs
             of the latest fit / memory-bank build / caption refresh (None before the first).
         statistics: the latest logged noise statistics (mean noise probability, estimated noisy fraction, ROC-AUC...).
+        data_fingerprint: what the training data was (`trainers.fingerprint.data_fingerprint`: size and a hash of the
+            index -> key map), checked when a checkpoint is resumed; None when unknown (states of schema version 1).
+        batch_skips: per process, what its batches skipped so far: `{"skipped_pairs": SkipReport.to_dict(),
+            "empty_batches": batches with no valid pair, "epoch": e, "empty_in_epoch": those of epoch e}` (a resumed
+            run skips `empty_in_epoch` more batches on top of the Trainer's own batch skipping, to stay exact).
     """
 
-    def __init__(self, num_samples: int, *, growable: bool = False, max_fit_samples: int = 100_000, seed: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        growable: bool = False,
+        max_fit_samples: int = 100_000,
+        max_noisy_fraction: float = 0.9,
+        seed: int = 0,
+    ):
         self.loss_bank = LossBank(num_samples, growable=growable)
-        self.estimator = CleanProbabilityEstimator(max_fit_samples=max_fit_samples, seed=seed)
+        self.estimator = CleanProbabilityEstimator(
+            max_fit_samples=max_fit_samples, max_noisy_fraction=max_noisy_fraction, seed=seed
+        )
         self._noise_prob = torch.zeros(num_samples, dtype=torch.float32)
         self.memory_bank: MemoryBank | None = None
         self.synthetic_captions: list[str | None] | None = None
@@ -63,6 +88,10 @@ class NoiseState:
         self.completion_epoch: int | None = None
         self.statistics: dict[str, float] = {}
         self.estimate_summary: dict[str, Any] = {}
+        self.data_fingerprint: dict[str, Any] | None = None
+        self.batch_skips: list[dict[str, Any]] = []
+        self.reference_prior: ReferencePrior | None = None
+        self.prior_weight = 1.0
 
     @property
     def num_samples(self) -> int:
@@ -70,17 +99,31 @@ class NoiseState:
 
     @property
     def noise_prob(self) -> torch.Tensor:
-        """float32 `[num_samples]` noise probabilities `ε_i` (0 before the first fit and for samples never seen)."""
+        """float32 `[num_samples]` noise probabilities `ε_i` (0 before the first fit and for samples never seen).
+
+        With a reference prior: `w·ε_prior + (1 − w)·ε_loss` (`w = prior_weight`), the prior alone until the first
+        usable loss-based fit (a new tensor; without a prior the table itself)."""
         if self._noise_prob.shape[0] < self.num_samples:
             grown = torch.zeros(self.num_samples, dtype=torch.float32)
             grown[: self._noise_prob.shape[0]] = self._noise_prob
             self._noise_prob = grown
-        return self._noise_prob
+        if self.reference_prior is None:
+            return self._noise_prob
+        loss_based = self._noise_prob if self.num_fits > 0 and self.estimator.is_fitted else None
+        return combine_noise(loss_based, self.reference_prior.noise_prob, self.prior_weight)
 
     @property
     def is_estimated(self) -> bool:
-        """Whether a mixture fit has produced noise probabilities (False before warm-up ends and after a fallback)."""
-        return self.num_fits > 0 and self.estimator.is_fitted
+        """Whether noise probabilities are in use: a reference prior, or a mixture fit (False before warm-up ends
+        and after a fallback)."""
+        return self.reference_prior is not None or (self.num_fits > 0 and self.estimator.is_fitted)
+
+    def set_reference_prior(self, prior: ReferencePrior, weight: float) -> None:
+        """Use `prior` (scored on this state's indices) with weight `weight` in the noise probabilities."""
+        if prior.score.shape[0] != self.num_samples:
+            raise ValueError(f"The reference prior covers {prior.score.shape[0]} pairs; the noise state {self.num_samples}.")
+        combine_noise(None, prior.noise_prob, weight)  # validates the weight
+        self.reference_prior, self.prior_weight = prior, weight
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor, step: int) -> None:
         """Store the per-sample losses of dataset `indices` recorded at optimizer step `step`."""
@@ -139,6 +182,12 @@ class NoiseState:
         tensors["noise_prob"] = self.noise_prob.clone()
         if self.memory_bank is not None:
             tensors.update({f"memory_bank.{name}": value for name, value in self.memory_bank.state_dict().items()})
+        prior = None
+        if self.reference_prior is not None:
+            prior_state = self.reference_prior.state_dict()
+            tensors["reference_prior.score"], tensors["reference_prior.clean_prob"] = prior_state["score"], prior_state["clean_prob"]
+            prior = {"random_pair_cosine": prior_state["random_pair_cosine"], "reason": prior_state["reason"],
+                     "weight": self.prior_weight}
         metadata = {
             "schema_version": _SCHEMA_VERSION,
             "growable": self.loss_bank.growable,
@@ -151,25 +200,77 @@ class NoiseState:
             "statistics": self.statistics,
             "estimate_summary": self.estimate_summary,
             "synthetic_captions": self.synthetic_captions,
+            "data_fingerprint": self.data_fingerprint,
+            "batch_skips": self.batch_skips,
+            "reference_prior": prior,
         }
         return tensors, metadata
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        if metadata.get("schema_version") != _SCHEMA_VERSION:
-            raise ValueError(
-                f"Noise state schema version {metadata.get('schema_version')!r} is not the supported {_SCHEMA_VERSION}."
+    def load_state_dict(
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        *,
+        where: str = "the noise state",
+        expected_num_samples: int | None = None,
+    ) -> None:
+        """Restore from `state_dict()` output. Everything is checked before anything is replaced: a missing key, a
+        wrong version, tensors of different lengths, or (non-growable state) a length other than
+        `expected_num_samples` raise a `NoiseStateError` naming `where` (the file) and what was found."""
+        version = metadata.get("schema_version") if isinstance(metadata, dict) else None
+        if not isinstance(metadata, dict):
+            raise NoiseStateError(f"{where}: expected a JSON object, got {type(metadata).__name__}.")
+        if version not in _READABLE_VERSIONS:
+            raise NoiseStateError(
+                f"{where}: noise state schema version {version!r} is not one of the supported {list(_READABLE_VERSIONS)}."
             )
-        self.loss_bank = LossBank(0, growable=metadata["growable"])
-        self.loss_bank.load_state_dict({k[len("loss_bank.") :]: v for k, v in tensors.items() if k.startswith("loss_bank.")})
-        self._noise_prob = tensors["noise_prob"].to(torch.float32).clone()
+        missing = [name for name in _REQUIRED_METADATA if name not in metadata]
+        if missing:
+            raise NoiseStateError(f"{where}: missing entries {missing} (a damaged or hand-edited file).")
+        required_tensors = ("noise_prob", "loss_bank.losses", "loss_bank.steps", "loss_bank.counter")
+        missing = [name for name in required_tensors if name not in tensors]
+        if missing:
+            raise NoiseStateError(f"{where}: missing tensors {missing} (a damaged or hand-edited file).")
+        lengths = {name: int(tensors[name].shape[0]) if tensors[name].ndim == 1 else None
+                   for name in ("noise_prob", "loss_bank.losses", "loss_bank.steps")}
+        if len(set(lengths.values())) != 1 or None in lengths.values():
+            found = ", ".join(f"{name} {tuple(tensors[name].shape)}" for name in lengths)
+            raise NoiseStateError(f"{where}: the per-sample tensors must be 1-D of one length; found {found}.")
+        size = lengths["noise_prob"]
+        if expected_num_samples is not None and not metadata["growable"] and size != expected_num_samples:
+            raise NoiseStateError(
+                f"{where}: holds {size} per-sample entries but the training data has {expected_num_samples} indices "
+                f"({'fewer' if expected_num_samples < size else 'more'} pairs than the checkpoint was trained on)."
+            )
         memory = {k[len("memory_bank.") :]: v for k, v in tensors.items() if k.startswith("memory_bank.")}
-        self.memory_bank = MemoryBank.from_state_dict(memory) if memory else None
-        self.estimator.load_state_dict(metadata["estimator"])
+        try:
+            memory_bank = MemoryBank.from_state_dict(memory) if memory else None
+            if memory_bank is not None and memory_bank.image_neighbors.shape[0] != size:
+                raise ValueError(f"memory bank neighbours for {memory_bank.image_neighbors.shape[0]} samples, not {size}")
+            loss_bank = LossBank(0, growable=metadata["growable"])
+            loss_bank.load_state_dict({k[len("loss_bank.") :]: v for k, v in tensors.items() if k.startswith("loss_bank.")})
+            estimator = copy.deepcopy(self.estimator)
+            estimator.load_state_dict(metadata["estimator"])
+            prior_metadata = metadata.get("reference_prior")
+            prior = None if prior_metadata is None else ReferencePrior.from_state_dict(
+                {"score": tensors["reference_prior.score"], "clean_prob": tensors["reference_prior.clean_prob"],
+                 **prior_metadata}, num_samples=size)
+        except (ValueError, KeyError, TypeError) as error:
+            raise NoiseStateError(f"{where}: {type(error).__name__}: {error}") from None
+        captions = metadata["synthetic_captions"]
+        if captions is not None and len(captions) != size:
+            raise NoiseStateError(f"{where}: {len(captions)} synthetic captions for {size} samples.")
+        self.loss_bank, self.memory_bank, self.estimator = loss_bank, memory_bank, estimator
+        self._noise_prob = tensors["noise_prob"].to(torch.float32).clone()
         for name in ("prepared_epoch", "num_fits", "last_fit_epoch", "memory_epoch", "completion_epoch"):
             setattr(self, name, metadata[name])
         self.statistics = dict(metadata["statistics"])
         self.estimate_summary = dict(metadata["estimate_summary"])
-        self.synthetic_captions = metadata["synthetic_captions"]
+        self.synthetic_captions = captions
+        self.data_fingerprint = metadata.get("data_fingerprint")
+        self.batch_skips = list(metadata.get("batch_skips") or [])
+        self.reference_prior = prior
+        self.prior_weight = 1.0 if prior_metadata is None else float(prior_metadata["weight"])
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `nlip_noise_state.safetensors` and `nlip_noise_state.json` into `directory`."""
@@ -179,8 +280,9 @@ class NoiseState:
         with open(os.path.join(directory, NOISE_STATE_JSON), "w", encoding="utf-8") as file:
             json.dump(metadata, file)
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Restore the state written by `save` into `directory`."""
+    def load(self, directory: str | os.PathLike, expected_num_samples: int | None = None) -> None:
+        """Restore the state written by `save` into `directory`; a damaged file raises a `NoiseStateError` naming it
+        (see `load_state_dict` for `expected_num_samples`)."""
         tensors_path = os.path.join(directory, NOISE_STATE_TENSORS)
         json_path = os.path.join(directory, NOISE_STATE_JSON)
         for path in (tensors_path, json_path):
@@ -188,10 +290,32 @@ class NoiseState:
                 raise FileNotFoundError(
                     f"No noise state at {path!r}: the checkpoint was not written by NLIPTrainer (or is incomplete)."
                 )
-        with open(json_path, encoding="utf-8") as file:
-            metadata = json.load(file)
-        self.load_state_dict(load_file(tensors_path), metadata)
+        metadata = read_metadata(directory)
+        try:
+            tensors = load_file(tensors_path)
+        except Exception as error:  # safetensors raises SafetensorError / OSError for truncated or foreign files
+            raise NoiseStateError(f"{tensors_path}: not a readable safetensors file ({type(error).__name__}: {error}).") \
+                from None
+        self.load_state_dict(tensors, metadata, where=f"{tensors_path} / {json_path}",
+                             expected_num_samples=expected_num_samples)
+
+    @staticmethod
+    def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+        return read_metadata(directory)
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
         return os.path.isfile(os.path.join(directory, NOISE_STATE_TENSORS))
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON part of a saved noise state; a `NoiseStateError` names the file when it is not valid UTF-8 JSON."""
+    path = os.path.join(directory, NOISE_STATE_JSON)
+    try:
+        with open(path, encoding="utf-8") as file:
+            metadata = json.load(file)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise NoiseStateError(f"{path}: not valid JSON ({error}); the checkpoint's noise state is damaged.") from None
+    if not isinstance(metadata, dict):
+        raise NoiseStateError(f"{path}: expected a JSON object, got {type(metadata).__name__}.")
+    return metadata

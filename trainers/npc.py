@@ -1,4 +1,4 @@
-"""NPC's sibling look-ahead step (DESIGN.md §4.4 steps 2–3; Zhang et al., "Negative Pre-aware for Noisy Cross-modal
+"""NPC's sibling look-ahead step (steps 2–3 of the paper's method; Zhang et al., "Negative Pre-aware for Noisy Cross-modal
 Matching", AAAI 2024).
 
 A sibling copy of the model, re-synced to the real model's weights before every step, takes one optimizer step on the

@@ -11,6 +11,7 @@ Every split has `image`, `text` and `index` (0..N-1 in split order). The first c
 `Dataset.from_generator` and saves it under the cache directory (`cache_dir`, else `$NLIP_CACHE/datasets`, else
 `~/.cache/nlip/datasets`); later calls memory-map it without decoding anything. The cache key covers every option, so
 `max_samples_per_split` subsets build (quickly) on their own; `rebuild=True` rebuilds after a package upgrade.
+`max_samples_per_split` is one limit for every split or a `{split: limit}` mapping (0: that split is not built).
 Datasets without an official split get a seeded train/test split (`test_size`, `seed`); subsets take the first
 `max_samples_per_split` examples of each split in that seeded order, so they mix all categories. Transparent images
 are composited onto white and downscaled to at most `max_image_size` pixels on their longer side.
@@ -28,7 +29,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,16 +162,28 @@ def _build_splits(
     return datasets.DatasetDict(built)
 
 
-def _seeded_split(items: list, test_size: float, seed: int, limit: int | None) -> dict[str, list]:
-    """A seeded random train/test split of `items`, each split truncated to `limit` (in the shuffled order)."""
+def split_limit(max_samples_per_split: int | Mapping[str, int | None] | None, split: str) -> int | None:
+    """The most examples of `split` to build: `max_samples_per_split` itself, or its entry for `split` when it is a
+    mapping (a split it does not name is not limited). 0 means the split is not built at all."""
+    if isinstance(max_samples_per_split, Mapping):
+        return max_samples_per_split.get(split)
+    return max_samples_per_split
+
+
+def _seeded_split(
+    items: list, test_size: float, seed: int, limit: int | Mapping[str, int | None] | None
+) -> dict[str, list]:
+    """A seeded random train/test split of `items`, each split truncated to its limit (in the shuffled order; see
+    `split_limit`; a split limited to 0 is left out)."""
     order = np.random.default_rng(seed).permutation(len(items))
     num_test = round(test_size * len(items))
     if not 0 < num_test < len(items):
         raise ValueError(f"test_size={test_size} of {len(items)} items leaves an empty split.")
-    return {
-        "train": [items[i] for i in order[num_test:]][:limit],
-        "test": [items[i] for i in order[:num_test]][:limit],
+    splits = {
+        "train": [items[i] for i in order[num_test:]][: split_limit(limit, "train")],
+        "test": [items[i] for i in order[:num_test]][: split_limit(limit, "test")],
     }
+    return {name: chosen for name, chosen in splits.items() if split_limit(limit, name) != 0}
 
 
 def _load_with_seeded_split(
@@ -182,7 +195,7 @@ def _load_with_seeded_split(
     cache_key: dict[str, Any] | None = None,
     test_size: float,
     seed: int,
-    max_samples_per_split: int | None,
+    max_samples_per_split: int | Mapping[str, int | None] | None,
     cache_dir: str | os.PathLike | None,
     num_proc: int | None,
     rebuild: bool,
@@ -280,7 +293,7 @@ def _fashion_mnist_examples(
 
 def load_fashion_mnist(
     *,
-    max_samples_per_split: int | None = None,
+    max_samples_per_split: int | Mapping[str, int | None] | None = None,
     templates: Sequence[str] = FASHION_MNIST_TEMPLATES,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
@@ -306,13 +319,15 @@ def load_fashion_mnist(
     def build(generator_cache: str) -> datasets.DatasetDict:
         built = {}
         for split_id, (split, pattern) in enumerate(files.items()):
+            if split_limit(max_samples_per_split, split) == 0:
+                continue
             dataset = datasets.Dataset.from_generator(
                 _fashion_mnist_examples,
                 features=features,
                 gen_kwargs={
                     "images_path": str(root / pattern.format("images", 3)),
                     "labels_path": str(root / pattern.format("labels", 1)),
-                    "limit": max_samples_per_split,
+                    "limit": split_limit(max_samples_per_split, split),
                     "templates": tuple(templates),  # tuples: `from_generator` would shard lists
                     "seed": (seed, split_id),
                 },
@@ -341,7 +356,7 @@ def _tuxpaint_example(relative_path: str, root: str, max_image_size: int | None)
 
 def load_tuxpaint_stamps(
     *,
-    max_samples_per_split: int | None = None,
+    max_samples_per_split: int | Mapping[str, int | None] | None = None,
     test_size: float = 0.1,
     seed: int = 0,
     max_image_size: int | None = 256,
@@ -394,7 +409,7 @@ def _openclipart_example(relative_path: str, root: str, max_image_size: int | No
 
 def load_openclipart(
     *,
-    max_samples_per_split: int | None = None,
+    max_samples_per_split: int | Mapping[str, int | None] | None = None,
     test_size: float = 0.1,
     seed: int = 0,
     max_image_size: int | None = 256,
@@ -470,7 +485,7 @@ def _emoji_items() -> tuple[list[tuple[str, str]], datasets.Features]:
 
 def load_emoji(
     *,
-    max_samples_per_split: int | None = None,
+    max_samples_per_split: int | Mapping[str, int | None] | None = None,
     test_size: float = 0.1,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,

@@ -8,6 +8,9 @@ The losses are pure functions (`trainers.losses`); this file wires them to the d
 - callbacks (`trainers.callbacks`) fit the noise GMM, rebuild NPC's memory bank and refresh the synthetic captions at
   epoch start, advance SRCL's α schedule, and log noise statistics through `self.log`;
 - the noise state is saved into every checkpoint and restored by `resume_from_checkpoint`;
+- `freeze_vision_tower` / `freeze_text_tower` lock towers LiT-style (`freeze_towers`: no gradient, eval mode), and a
+  fully locked tower of a dual encoder runs once per example: its pooled outputs are cached by dataset `index`
+  (`trainers.feature_cache`) and fed back through `vision_pooled_output` / `text_pooled_output`;
 - pushes to the Hub carry the remote-code files from the first push, and a model card written by
   `trainers.model_card`.
 
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,6 +43,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, Trainer
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_nlip.modeling_nlip import pool_tower_output
 
 from .callbacks import (
     CaptionEpochCallback,
@@ -47,16 +55,26 @@ from .callbacks import (
     NoiseEstimationCallback,
     SRCLScheduleCallback,
 )
-from .collator import ImageTextCollator
-from .data import dataset_rows
+from .collator import SKIPPED_KEY, ImageTextCollator
+from .data import SkipReport, dataset_rows
+from .fingerprint import data_fingerprint, describe_change
 from .completion import generate_synthetic_captions, load_captioner, load_captioner_processor
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
-from .evaluation import embedding_tensor
-from .losses import contrastive_logits, contrastive_loss, nitc_loss, npc_confidence, srcl_negative_weights
+from .evaluation import compute_embeddings, embedding_tensor
+from .feature_cache import FeatureCache, token_fingerprints
+from .losses import (
+    complementary_contrastive_loss,
+    contrastive_logits,
+    contrastive_loss,
+    nitc_loss,
+    npc_confidence,
+    srcl_negative_weights,
+)
 from .memory_bank import build_memory_bank
-from .model_card import TrainingSummary
-from .noise_state import NoiseState
+from .model_card import TrainingSummary, describe_towers
+from .noise_state import NoiseState, read_metadata
 from .npc import NPCSibling
+from .reference_prior import ReferencePrior
 from .training_args import NLIPTrainingArguments
 
 
@@ -126,12 +144,18 @@ class NLIPTrainer(Trainer):
         *,
         reference_model: nn.Module | None = None,
         captioner: nn.Module | None = None,
+        skip_report: SkipReport | None = None,
+        prior_model: nn.Module | None = None,
         **kwargs,
     ):
         if args is None:
             args = NLIPTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, NLIPTrainingArguments):
             raise TypeError(f"`args` must be NLIPTrainingArguments; got {type(args).__name__}.")
+        if isinstance(train_dataset, datasets.IterableDataset) and args.accelerator_config.dispatch_batches is None:
+            # Each process reads its own shards (accelerate's `IterableDataset.shard` per process) instead of
+            # process 0 reading every batch and sending slices to the others.
+            args.accelerator_config.dispatch_batches = False
         if data_collator is None:
             if processing_class is None:
                 raise ValueError(
@@ -164,7 +188,19 @@ class NLIPTrainer(Trainer):
             if isinstance(data_collator, ImageTextCollator) else data_collator
         )
         self._row_of_index, self._is_noisy, self.noise_state = self._index_dataset(train_dataset)
+        # Pairs skipped while loading (given by the caller: `trainers.data` loaders' reports) and, per process, at
+        # batch time (counted from the batches' `skipped_pairs`, so DataLoader workers' skips count too).
+        self.load_skip_report = skip_report
+        self._batch_skips = {"skipped_pairs": {}, "empty_batches": 0, "epoch": 0, "empty_in_epoch": 0}
+        self._pending_empty_skips: tuple[int, int] | None = None
+        self._all_batch_skips: list[dict[str, Any]] | None = None
+        self._data_fingerprint: dict[str, Any] | None = None
+        self.feature_caches: dict[str, FeatureCache] = self._setup_tower_locking()
         self.reference_model = self._setup_reference_model(reference_model)
+        if self._pixels_only_feed_the_cached_tower():
+            # Cached images are not decoded again (a LiT epoch after the first then costs little more than the heads).
+            self.data_collator.is_image_cached = self.feature_caches["vision"].contains
+        self._prior_model = prior_model
         self.captioner = self._setup_captioner(captioner)
         self.npc_sibling: NPCSibling | None = None
         self._pending_sibling_state: dict | None = None
@@ -195,7 +231,10 @@ class NLIPTrainer(Trainer):
                     "noise_completion and method 'npc' look examples up by index, which needs a map-style train_dataset; "
                     "got a streaming (iterable) dataset."
                 )
-            state = NoiseState(0, growable=True, max_fit_samples=args.gmm_max_fit_samples, seed=args.seed)
+            state = NoiseState(
+                0, growable=True, max_fit_samples=args.gmm_max_fit_samples,
+                max_noisy_fraction=args.noise_max_noisy_fraction, seed=args.seed,
+            )
             return None, None, state
         columns = getattr(dataset, "column_names", None)
         if columns is None or "index" not in columns:
@@ -217,8 +256,64 @@ class NLIPTrainer(Trainer):
             is_noisy[torch.from_numpy(indices)] = torch.from_numpy(
                 np.asarray(dataset.with_format("numpy")["is_noisy"], dtype=bool)
             )
-        state = NoiseState(num_samples, max_fit_samples=args.gmm_max_fit_samples, seed=args.seed)
+        state = NoiseState(
+            num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
+            seed=args.seed,
+        )
         return row_of_index, is_noisy, state
+
+    def _setup_tower_locking(self) -> dict[str, FeatureCache]:
+        """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` (the model's `freeze_towers`) and
+        create a feature cache for each fully locked tower of a dual encoder (`frozen_feature_cache`)."""
+        args = self.args
+        if not (args.freeze_vision_tower or args.freeze_text_tower):
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "freeze_towers"):
+            raise TypeError(
+                f"freeze_vision_tower / freeze_text_tower need an NLIP model (with `freeze_towers`); got {type(base).__name__}."
+            )
+        locked = base.freeze_towers(
+            vision=args.freeze_vision_tower, text=args.freeze_text_tower, unfreeze_last_n=args.unfreeze_last_n
+        )
+        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        logger.info("Locked %d tower parameter tensors; %d parameters train.", len(locked), trainable)
+        frozen = base.frozen_tower_names()
+        if args.frozen_feature_cache == "none" or not frozen:
+            return {}
+        if self._pretraining or "vision_pooled_output" not in inspect.signature(base.forward).parameters:
+            logger.info(
+                "Locked towers are not cached for %s (only an NLIPModel dual encoder takes cached tower outputs).",
+                type(base).__name__,
+            )
+            return {}
+        num_samples = self.noise_state.num_samples if self._row_of_index is not None else None
+        directory = args.feature_cache_dir if args.frozen_feature_cache == "disk" else None
+        if directory is not None and self.accelerator.num_processes > 1:
+            directory = os.path.join(directory, f"process_{self.accelerator.process_index}")
+        caches = {}
+        for tower in frozen:
+            which = "vision" if tower == "vision_model" else "text"
+            caches[which] = FeatureCache(which, num_samples=num_samples, directory=directory)
+        logger.info("Caching the outputs of the locked %s tower(s) by dataset index (%s).", " and ".join(caches), args.frozen_feature_cache)
+        return caches
+
+    def _pixels_only_feed_the_cached_tower(self) -> bool:
+        """Whether the training batches' pixels go nowhere but into the cached, locked image tower: no SRCL reference
+        model, NPC sibling, captioner or state pass reads them, and the collator runs in this process (DataLoader
+        workers hold copies of the cache that never fill)."""
+        args = self.args
+        return (
+            "vision" in self.feature_caches
+            and isinstance(self.data_collator, ImageTextCollator)
+            and args.dataloader_num_workers == 0
+            and not self._pretraining
+            and "npc" not in self.methods
+            and self.reference_model is None
+            and not args.noise_completion
+            and args.noise_estimation_mode == "online"
+        )
 
     def _setup_reference_model(self, reference_model: nn.Module | None) -> nn.Module | None:
         if reference_model is None and self.args.srcl_reference_model is not None:
@@ -280,7 +375,10 @@ class NLIPTrainer(Trainer):
         if memory is not None:
             images.append(memory["pixel_values"])
             texts.append((memory["input_ids"], memory["attention_mask"]))
-        image_parts, text_parts = self._encode(model, images, texts)
+        image_index = [inputs["index"]] + ([memory["index"]] if memory is not None else [])
+        text_index = [inputs["index"]] + ([None] if synthetic is not None else [])
+        text_index += [memory["index"]] if memory is not None else []
+        image_parts, text_parts = self._encode(model, images, texts, image_index=image_index, text_index=text_index)
         loss, details = self._contrastive_objective(
             inputs,
             image_parts[0],
@@ -336,7 +434,7 @@ class NLIPTrainer(Trainer):
         memory_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
         training: bool = True,
     ) -> tuple[torch.Tensor, NLIPLossOutput]:
-        """Gather the batch over processes, record `CE_i`, and combine the method's terms (DESIGN §4.6): SRCL
+        """Gather the batch over processes, record `CE_i`, and combine the method's terms: SRCL
         negative weights inside the softmax, NPC confidences as sample weights plus the memory loss, NITC with the
         noise probabilities (and synthetic captions) when `nlip` is on."""
         local_index = inputs["index"]
@@ -371,12 +469,15 @@ class NLIPTrainer(Trainer):
                 logit_scale,
                 noise_prob,
                 strength=self.args.nitc_strength,
+                form=self.args.nitc_form,
                 synthetic_text_embeds=synthetic_embeds,
                 negative_weights=negative_weights,
                 synthetic_negative_weights=synthetic_negative_weights,
                 sample_weights=confidence,
             )
             self._track("nlip/batch_noise_prob", noise_prob.mean())
+        elif "rcl" in self.methods:
+            loss = complementary_contrastive_loss(image_embeds, text_embeds, logit_scale, sample_weights=confidence)
         elif negative_weights is not None or confidence is not None:
             loss = contrastive_loss(
                 image_embeds, text_embeds, logit_scale, sample_weights=confidence, negative_weights=negative_weights
@@ -396,17 +497,72 @@ class NLIPTrainer(Trainer):
         )
 
     def _encode(
-        self, model: nn.Module, images: list[torch.Tensor], texts: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        model: nn.Module,
+        images: list[torch.Tensor],
+        texts: list[tuple[torch.Tensor, torch.Tensor]],
+        image_index: list[torch.Tensor | None] | None = None,
+        text_index: list[torch.Tensor | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Normalised embeddings of several image batches and text batches, in one forward of `model`."""
+        """Normalised embeddings of several image batches and text batches, in one forward of `model`. With the
+        dataset indices of the parts (`image_index` / `text_index`, None for a part without one, e.g. synthetic
+        captions), a locked tower's outputs come from its feature cache (computed and stored on a miss)."""
         input_ids, attention_mask = self._concat_texts(texts)
-        outputs = model(
-            input_ids=input_ids, pixel_values=torch.cat(images) if len(images) > 1 else images[0],
-            attention_mask=attention_mask,
-        )
+        pixel_values = torch.cat(images) if len(images) > 1 else images[0]
+        model_inputs: dict[str, torch.Tensor | None] = {
+            "input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
+        }
+        if "vision" in self.feature_caches and image_index is not None and all(i is not None for i in image_index):
+            model_inputs["vision_pooled_output"] = self._cached_tower_output(
+                "vision", model, torch.cat(image_index), pixel_values=pixel_values
+            )
+            model_inputs["pixel_values"] = None
+        if "text" in self.feature_caches and text_index is not None and all(i is not None for i in text_index):
+            model_inputs["text_pooled_output"] = self._cached_tower_output(
+                "text", model, torch.cat(text_index), input_ids=input_ids, attention_mask=attention_mask
+            )
+            model_inputs["input_ids"] = None
+        outputs = model(**model_inputs)
         image_parts = list(outputs.image_embeds.split([batch.shape[0] for batch in images]))
         text_parts = list(outputs.text_embeds.split([ids.shape[0] for ids, _ in texts]))
         return image_parts, text_parts
+
+    @torch.no_grad()
+    def _cached_tower_output(
+        self,
+        which: str,
+        model: nn.Module,
+        index: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The locked `which` tower's pooled outputs of the examples `index`: cached ones from the feature cache, the
+        others computed by the tower (eval mode, no gradient) and stored. Texts are fingerprinted by their token ids,
+        so a changed caption is recomputed."""
+        cache = self.feature_caches[which]
+        fingerprint = token_fingerprints(input_ids, attention_mask) if which == "text" else None
+        features, hit = cache.lookup(index, fingerprint)
+        missing = (~hit).nonzero().squeeze(1)
+        if missing.numel():
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            rows = missing.to(index.device)
+            if which == "vision":
+                outputs = base.vision_model(pixel_values=pixel_values[rows], return_dict=True)
+                computed = pool_tower_output(outputs, base.config.vision_pooling)
+            else:
+                mask = attention_mask[rows]
+                outputs = base._text_tower_outputs(input_ids[rows], mask, None, None)
+                computed = pool_tower_output(outputs, base.config.text_pooling, mask)
+            computed = computed.float()
+            cache.store(index[rows], computed, None if fingerprint is None else fingerprint[missing])
+            if features is None:
+                features = torch.zeros(index.shape[0], computed.shape[1])
+            features[missing] = computed.cpu()
+        device = pixel_values.device if which == "vision" else input_ids.device
+        self._track(f"feature_cache/{which}_hit_rate", hit.float().mean())
+        return features.to(device)
 
     def _embed_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings from `get_image_features` of the unwrapped model (no-grad passes)."""
@@ -499,7 +655,7 @@ class NLIPTrainer(Trainer):
         sizes: list[int],
         logit_scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """NPC's confidences `w_i` of the global batch and the memory-bank loss (with gradient), DESIGN §4.4.
+        """NPC's confidences `w_i` of the global batch and the memory-bank loss (with gradient).
 
         The memory entries of all processes are gathered and deduplicated by index into one contrastive batch. Its
         per-pair losses under the real model are `ℓ⁰`; the sibling then steps on the batch and its losses are `ℓ¹`.
@@ -576,6 +732,10 @@ class NLIPTrainer(Trainer):
         for collator in (self.data_collator, self._state_collator):
             if hasattr(collator, "set_epoch"):
                 collator.set_epoch(epoch)
+        if self._batch_skips["epoch"] != epoch:
+            self._batch_skips.update(epoch=epoch, empty_in_epoch=0)
+        if self._pending_empty_skips is not None and self._pending_empty_skips[0] != epoch:
+            self._pending_empty_skips = None  # resumed at an epoch boundary: nothing to skip
 
     def refresh_concept_bank(self) -> None:
         """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
@@ -634,6 +794,8 @@ class NLIPTrainer(Trainer):
         try:
             with self._forked_rng():
                 for batch in tqdm(dataloader, desc=f"Noise-state pass (epoch {epoch})", disable=no_progress):
+                    if "pixel_values" not in batch:  # every pair of the batch was invalid (counted by the collator)
+                        continue
                     with self.accelerator.autocast():
                         local_images = self._embed_images(model, batch["pixel_values"])
                         local_texts = self._embed_texts(model, batch["input_ids"], batch["attention_mask"])
@@ -746,8 +908,12 @@ class NLIPTrainer(Trainer):
     # ------------------------------------------------------------------------------------- checkpoints & resume
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Save the optimizer and scheduler, and the noise state (training state as well: a resumed run restores it)."""
+        """Save the optimizer and scheduler, and the noise state (training state as well: a resumed run restores it)
+        with the data fingerprint and every process's batch-time skips (gathered: all processes call this)."""
         super()._save_optimizer_and_scheduler(output_dir)
+        if self.noise_state is not None:
+            self.noise_state.batch_skips = self.gather_batch_skips()
+            self.noise_state.data_fingerprint = self.data_fingerprint
         if self.args.should_save and self.noise_state is not None:
             self.noise_state.save(output_dir)
             if self.npc_sibling is not None:
@@ -759,13 +925,202 @@ class NLIPTrainer(Trainer):
         if checkpoint is None or self.noise_state is None:
             return
         if NoiseState.exists(checkpoint):
-            self.noise_state.load(checkpoint)
+            expected = None if self.noise_state.loss_bank.growable else self.noise_state.num_samples
+            self.noise_state.load(checkpoint, expected_num_samples=expected)
+            self._restore_batch_skips(self.noise_state.batch_skips)
+            if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None:
+                if self._prior_model is None and self.args.noise_prior_model is None:
+                    raise ValueError(
+                        f"Checkpoint {checkpoint} has no reference prior, and the default reference (the model before "
+                        "its first step) is gone: pass --noise_prior_model to score the pairs on resume."
+                    )
+                self.score_reference_prior()
         else:
             logger.warning("Checkpoint %s has no noise state; noise estimation starts afresh.", checkpoint)
         sibling_path = os.path.join(checkpoint, NPC_SIBLING_OPTIMIZER_NAME)
         if os.path.isfile(sibling_path):
             self._pending_sibling_state = torch.load(sibling_path, map_location="cpu", weights_only=True)
             self.npc_sibling = None
+
+    def score_reference_prior(self) -> ReferencePrior:
+        """Score every training pair once with the frozen reference model (`prior_model`, else `noise_prior_model`,
+        else the model as it is now, before its first step) and install the prior in the noise state; logged with
+        the pass's time (`noise/reference_pass_s`). Every process scores the whole training set."""
+        if self.noise_state is None or self.noise_state.loss_bank.growable:
+            raise ValueError("--noise_prior reference needs a map-style training set with an `index` column (not a stream).")
+        reference = self._prior_model
+        if reference is None and self.args.noise_prior_model is not None:
+            reference = AutoModel.from_pretrained(self.args.noise_prior_model)
+        reference = reference if reference is not None else self.accelerator.unwrap_model(self.model)
+        start = time.perf_counter()
+        embeddings = compute_embeddings(reference.to(self.args.device), self.train_dataset,
+                                        processor=self.processing_class, batch_size=self.args.per_device_eval_batch_size,
+                                        progress=not self.args.disable_tqdm)
+        prior = ReferencePrior.from_embeddings(embeddings, self.noise_state.num_samples,
+                                               max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed)
+        self.noise_state.set_reference_prior(prior, self.args.noise_prior_weight)
+        self.reference_pass_seconds = time.perf_counter() - start
+        logger.info("Reference prior: %d pairs scored in %.1f s (random-pair cosine %.3f, mean noise probability %.3f%s).",
+                    prior.summary()["num_scored"], self.reference_pass_seconds, prior.random_pair_cosine,
+                    prior.summary()["mean_noise_probability"], f"; {prior.reason}" if prior.reason else "")
+        self._prior_model = None  # used once
+        return prior
+
+    # ------------------------------------------------------------------------------- resume, data and skip checks
+
+    @property
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """The training data's fingerprint (`trainers.fingerprint`), computed once."""
+        if self._data_fingerprint is None and self.train_dataset is not None:
+            self._data_fingerprint = data_fingerprint(self.train_dataset)
+        return self._data_fingerprint
+
+    def resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """`True`, `"true"`/`"True"` or `"latest"`: the newest `checkpoint-*` in `output_dir` (ValueError naming the
+        folder when there is none); `False`/`"false"`/None: no resume; anything else: that path (must exist)."""
+        value = resume_from_checkpoint
+        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("false", "")):
+            return None
+        if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "latest", "last")):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint={value!r} resumes the newest checkpoint in output_dir, but "
+                    f"{self.args.output_dir!r} holds no checkpoint-* folder."
+                )
+            logger.info("Resuming from the newest checkpoint in %s: %s", self.args.output_dir, checkpoint)
+            return checkpoint
+        if not os.path.isdir(str(value)):
+            raise ValueError(f"resume_from_checkpoint={value!r} is not a checkpoint folder (nor True/'latest').")
+        return str(value)
+
+    def check_resume_data(self, checkpoint: str) -> None:
+        """Fail at once when `checkpoint` was trained on other data than `train_dataset` (its noise state's data
+        fingerprint), saying what changed; warn when the checkpoint predates fingerprints."""
+        if self.noise_state is None or not NoiseState.exists(checkpoint):
+            return
+        saved = read_metadata(checkpoint).get("data_fingerprint")
+        if saved is None:
+            logger.warning(
+                "Checkpoint %s has no data fingerprint (noise state written by an older nlip): the training data "
+                "cannot be verified against it.", checkpoint,
+            )
+            return
+        change = describe_change(saved, self.data_fingerprint)
+        if change is not None:
+            raise ValueError(
+                f"Cannot resume from {checkpoint} on other training data: {change}. Resume with the data it was "
+                "trained on, or train afresh without resume_from_checkpoint."
+            )
+
+    def _warn_if_warmup_outlasts_training(self) -> None:
+        """A warning (not an error: a warm-up-only run, resumed later for more epochs, is legitimate) when the noise
+        is never estimated because `noise_warmup_epochs` reaches the end of training."""
+        args = self.args
+        warmup = args.noise_warmup_epochs
+        if warmup == 0 or self.noise_state is None:
+            return
+        effect = ("method " + repr(args.method) + " then trains as plain 'clip'") if {"nlip", "npc"} & self.methods \
+            else "no noise statistics are logged"
+        if not isinstance(self.train_dataset, datasets.Dataset):
+            logger.warning(
+                "Streaming data: an epoch is one full pass over the shards, and noise estimation starts after "
+                "noise_warmup_epochs=%d of them; if max_steps=%d ends first, the noise is never estimated (%s). Set "
+                "noise_warmup_epochs=0 with noise_estimation_mode='online' to estimate from the first pass's losses.",
+                warmup, args.max_steps, effect,
+            )
+            return
+        batches = math.ceil(len(self.train_dataset) / max(1, self._train_batch_size * args.world_size))
+        steps_per_epoch = max(1, batches // args.gradient_accumulation_steps)
+        epochs = math.ceil(args.max_steps / steps_per_epoch) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+        if warmup >= epochs:
+            logger.warning(
+                "noise_warmup_epochs=%d >= the %d epoch(s) this run trains: the noise is never estimated (%s). Lower "
+                "noise_warmup_epochs or train longer.", warmup, epochs, effect,
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint=True`/`"latest"` resuming the newest checkpoint of
+        `output_dir`, a resume on other data failing before any step (`check_resume_data`), and a warning when the
+        warm-up outlasts training. Afterwards `skipped_pairs()` holds every process's skips."""
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            self.check_resume_data(checkpoint)
+        elif self.args.noise_prior == "reference":
+            self.score_reference_prior()  # on resume the checkpoint's noise state holds it
+        self._warn_if_warmup_outlasts_training()
+        result = super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                               **kwargs)
+        self._all_batch_skips = self.gather_batch_skips()
+        return result
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples` over the batches that kept a pair: a batch whose every pair was invalid (a run
+        of broken samples in a stream) is skipped and counted, never fatal, and every batch's `skipped_pairs` is
+        counted and removed before the model sees it. Under DDP the process that skips a batch reaches the end of its
+        data one batch before the others: with `max_steps` (which streaming requires) every process still takes the
+        same steps; map-style data is validated when loaded, so its batches are never empty."""
+        return super().get_batch_samples(_CountedBatches(self, epoch_iterator), num_batches, device)
+
+    def _count_batch(self, batch: Any) -> bool:
+        """Count a batch's skipped pairs (removing them from it); False for a batch with no pair left."""
+        if not isinstance(batch, dict):
+            return True
+        skipped = batch.pop(SKIPPED_KEY, None)
+        if skipped:
+            report = SkipReport.from_dict(self._batch_skips["skipped_pairs"])
+            report.update(skipped)
+            self._batch_skips["skipped_pairs"] = report.to_dict()
+        if "pixel_values" in batch or "input_ids" in batch:
+            return True
+        self._batch_skips["empty_batches"] += 1
+        self._batch_skips["empty_in_epoch"] += 1
+        logger.warning("Skipping a batch in which every pair was invalid (%s).",
+                       ", ".join(f"{count} {reason}" for reason, count in (skipped or {}).items() if reason != "files"))
+        return False
+
+    def gather_batch_skips(self) -> list[dict[str, Any]]:
+        """Every process's batch-time skips, in process order (a collective: every process must call it)."""
+        local = copy.deepcopy(self._batch_skips)
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, local)
+            return gathered
+        return [local]
+
+    def _restore_batch_skips(self, saved: list[dict[str, Any]]) -> None:
+        if not saved:
+            return
+        rank = self.args.process_index
+        if len(saved) != self.args.world_size:
+            logger.warning("The checkpoint's batch-time skip counts come from %d processes, this run has %d: they are "
+                           "kept as process 0's; a resume that skipped empty batches may not be exact.",
+                           len(saved), self.args.world_size)
+            merged = SkipReport()
+            for entry in saved:
+                merged.update(entry.get("skipped_pairs", {}))
+            entry = {"skipped_pairs": merged.to_dict() if rank == 0 else {},
+                     "empty_batches": sum(e.get("empty_batches", 0) for e in saved) if rank == 0 else 0,
+                     "epoch": saved[0].get("epoch", 0), "empty_in_epoch": 0}
+        else:
+            entry = dict(saved[rank])
+        self._batch_skips = entry
+        if entry.get("empty_in_epoch"):
+            self._pending_empty_skips = (entry["epoch"], entry["empty_in_epoch"])
+
+    def skipped_pairs(self) -> dict[str, Any] | None:
+        """Every skipped pair of this run, by reason, with the broken files: load time (`skip_report`) plus batch time
+        on every process; `empty_batches`: batches skipped whole. None when nothing is known to have been skipped."""
+        merged = SkipReport()
+        if self.load_skip_report is not None:
+            merged.update(self.load_skip_report)
+        entries = self._all_batch_skips if self._all_batch_skips is not None else [self._batch_skips]
+        for entry in entries:
+            merged.update(entry.get("skipped_pairs", {}))
+        empty = sum(int(entry.get("empty_batches", 0)) for entry in entries)
+        if not merged.skipped and not empty and self.load_skip_report is None:
+            return None
+        return {**merged.to_dict(), "empty_batches": empty}
 
     # ------------------------------------------------------------------------------------------------------- Hub
 
@@ -787,13 +1142,17 @@ class NLIPTrainer(Trainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        dataset_description: str | None = None,
     ) -> None:
         """Write `README.md` (rendered by `trainers.model_card`), `nlip_training_summary.json` and the remote-code
-        files into `output_dir`. `language`, `tags`, `tasks`, `dataset_tags` and `dataset_args` are not used."""
+        files into `output_dir`. `dataset`: dataset names / Hub ids for the card's metadata; `dataset_description`:
+        the training data in words (e.g. "the imagefolder `my_pairs`"). `language`, `tags`, `tasks`, `dataset_tags`
+        and `dataset_args` are not used."""
         if not self.is_world_process_zero():
             return
         datasets_ = [dataset] if isinstance(dataset, str) else list(dataset or [])
-        self._write_hub_files(model_name=model_name, finetuned_from=finetuned_from, datasets_=datasets_, license=license)
+        self._write_hub_files(model_name=model_name, finetuned_from=finetuned_from, datasets_=datasets_, license=license,
+                              dataset_description=dataset_description)
 
     def _write_hub_files(
         self,
@@ -801,6 +1160,7 @@ class NLIPTrainer(Trainer):
         finetuned_from: str | None = None,
         datasets_: list[str] | None = None,
         license: str | None = None,
+        dataset_description: str | None = None,
     ) -> None:
         output_dir = self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -811,6 +1171,11 @@ class NLIPTrainer(Trainer):
         summary = self.training_summary(
             model_name=model_name, finetuned_from=finetuned_from, datasets_=datasets_, license=license
         )
+        summary.architecture = type(base).__name__
+        summary.towers = describe_towers(base.config)
+        summary.dataset_description = dataset_description or summary.dataset_description
+        if hasattr(model, "get_base_model"):
+            summary.training_hyperparameters = {**(summary.training_hyperparameters or {}), "lora": True}
         summary.save(output_dir)
         summary.to_model_card(repo_id=self.hub_model_id).save(os.path.join(output_dir, "README.md"))
 
@@ -829,9 +1194,20 @@ class NLIPTrainer(Trainer):
             "noise_warmup_epochs": args.noise_warmup_epochs,
             "gmm_refit_epochs": args.gmm_refit_epochs,
             "noise_estimation_mode": args.noise_estimation_mode,
+            "noise_max_noisy_fraction": args.noise_max_noisy_fraction,
         }
+        prior = None if self.noise_state is None else self.noise_state.reference_prior
+        if prior is not None:
+            settings.update(
+                noise_prior="reference",
+                noise_prior_model=args.noise_prior_model or "the starting model",
+                noise_prior_weight=args.noise_prior_weight,
+                reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
+            )
         if "nlip" in self.methods:
-            settings.update(nitc_strength=args.nitc_strength, noise_completion=args.noise_completion)
+            settings.update(
+                nitc_strength=args.nitc_strength, nitc_form=args.nitc_form, noise_completion=args.noise_completion
+            )
         if "srcl" in self.methods:
             settings.update(
                 srcl_reference_model=args.srcl_reference_model,
@@ -878,6 +1254,11 @@ class NLIPTrainer(Trainer):
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "seed": args.seed,
         }
+        locked = [name for name, on in (("vision", args.freeze_vision_tower), ("text", args.freeze_text_tower)) if on]
+        if locked:
+            hyperparameters["locked_towers"] = " + ".join(locked) + (
+                f" (last {args.unfreeze_last_n} blocks trainable)" if args.unfreeze_last_n else " (LiT-style)"
+            )
         return TrainingSummary(
             model_name=model_name,
             method=args.method,
@@ -887,6 +1268,7 @@ class NLIPTrainer(Trainer):
             datasets=datasets_ or [],
             evaluation_results=evaluation or None,
             training_hyperparameters=hyperparameters,
+            skipped_pairs=self.skipped_pairs(),
             **({"license": license} if license else {}),
         )
 
@@ -897,3 +1279,25 @@ def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     positions = torch.arange(values.shape[0], device=values.device)
     first = torch.full((unique.shape[0],), values.shape[0], dtype=torch.long, device=values.device)
     return unique, first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+class _CountedBatches:
+    """The Trainer's epoch iterator without the batches that kept no pair (counted), after the extra batches a resumed
+    run skips to stay aligned with the run it continues (see `NLIPTrainer._restore_batch_skips`)."""
+
+    def __init__(self, trainer: NLIPTrainer, iterator):
+        self.trainer, self.iterator = trainer, iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        trainer = self.trainer
+        while trainer._pending_empty_skips is not None:
+            epoch, count = trainer._pending_empty_skips
+            trainer._pending_empty_skips = (epoch, count - 1) if count > 1 else None
+            next(self.iterator)  # consumed by the interrupted run in this epoch, uncounted here (restored counts)
+        while True:
+            batch = next(self.iterator)
+            if trainer._count_batch(batch):
+                return batch

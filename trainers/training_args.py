@@ -1,17 +1,26 @@
-"""`TrainingArguments` for noise-robust image-text training: the method and its noise settings (DESIGN.md §4–5)."""
+"""`TrainingArguments` for noise-robust image-text training: the method and its noise settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import os
+
 from transformers import TrainingArguments
 
-from .losses import DEFAULT_SRCL_TEMPERATURE
+from .feature_cache import CACHE_MODES
+from .losses import DEFAULT_SRCL_TEMPERATURE, NITC_FORMS
 
 
-METHOD_COMPONENTS = ("nlip", "npc", "srcl")
-VALID_METHODS_HELP = "'clip', or one or more of 'nlip', 'npc', 'srcl' joined with '+' (e.g. 'nlip+srcl', 'npc+nlip')"
+METHOD_COMPONENTS = ("nlip", "npc", "srcl", "rcl")
+VALID_METHODS_HELP = (
+    "'clip', or one or more of 'nlip', 'npc', 'srcl' joined with '+' (e.g. 'nlip+srcl', 'npc+nlip'), or 'rcl' alone "
+    "or as 'rcl+npc'"
+)
+# The complementary loss replaces the contrastive loss: it composes with per-sample weights only.
+RCL_COMBINES_WITH = frozenset({"rcl", "npc"})
 NOISE_ESTIMATION_MODES = ("online", "pass")
+NOISE_PRIORS = ("none", "reference")
 
 
 def parse_method(method: str) -> frozenset[str]:
@@ -31,6 +40,11 @@ def parse_method(method: str) -> frozenset[str]:
         raise ValueError(f"`method`={method!r} has unknown name(s) {unknown}; valid methods are {VALID_METHODS_HELP}.")
     if len(set(names)) != len(names):
         raise ValueError(f"`method`={method!r} names a method twice.")
+    if "rcl" in names and not set(names) <= RCL_COMBINES_WITH:
+        raise ValueError(
+            f"`method`={method!r}: 'rcl' replaces the contrastive loss with the complementary one, so it combines only "
+            "with 'npc' (per-sample confidences); 'nlip' and 'srcl' reshape the InfoNCE loss it does not have."
+        )
     return frozenset(names)
 
 
@@ -76,6 +90,44 @@ class NLIPTrainingArguments(TrainingArguments):
     nitc_strength: float = field(
         default=0.1,
         metadata={"help": "λ of NLIP's NITC loss: weight of the similarity penalty λ·ε_i·s_ii on likely-noisy pairs."},
+    )
+    nitc_form: str = field(
+        default="balanced",
+        metadata={
+            "help": "Form of NLIP's NITC loss. 'balanced' (default): the positive terms are normalised by their total "
+            "weight Σ(1 − ε_i) (InfoNCE's gradient scale however many pairs are called noisy) and the push-apart "
+            "term is bounded, λ·ε_i·relu(s_ii − mean random-pair cosine). 'paper': the reference form "
+            "mean[(1 − ε_i)·CE_i + λ·ε_i·s_ii], which collapses when most pairs are called noisy."
+        },
+    )
+    noise_prior: str = field(
+        default="none",
+        metadata={
+            "help": "'reference': before training, a frozen, already aligned reference model (--noise_prior_model) "
+            "scores every training pair once: c_i = cos(v_i, t_i) − mean cosine of random pairs, and a 2-component "
+            "mixture over c gives a clean probability p_i (0 where c_i <= 0). 1 − p_i is the noise probability ε "
+            "from the first step on (NLIP's weights, NPC's clean memory bank), mixed with the loss-based estimate by "
+            "--noise_prior_weight; saved in checkpoints. 'none': loss-based estimate only."
+        },
+    )
+    noise_prior_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --noise_prior reference: the reference model (path or Hub id of an NLIP/CLIP-contract dual "
+            "encoder). Default: the model being trained, as it is before the first step (the pretrained checkpoint "
+            "when fine-tuning). It must already be aligned and must not have seen the evaluation data."
+        },
+    )
+    noise_prior_weight: float = field(
+        default=1.0,
+        metadata={"help": "w in ε = w·ε_prior + (1 − w)·ε_loss once the loss-based mixture is fit (1: the prior alone)."},
+    )
+    noise_max_noisy_fraction: float = field(
+        default=0.9,
+        metadata={
+            "help": "A noise-estimation fit that calls more than this fraction of the pairs noisy is not used (every "
+            "pair is then treated as clean until the next fit, and the reason is logged). 1.0 trusts every fit."
+        },
     )
     srcl_reference_model: str | None = field(
         default=None,
@@ -129,6 +181,40 @@ class NLIPTrainingArguments(TrainingArguments):
     completion_max_new_tokens: int = field(
         default=20, metadata={"help": "The most tokens of a generated synthetic caption."}
     )
+    freeze_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "Lock the image tower, LiT-style: its parameters get no gradient and it stays in eval mode "
+            "(batch-norm statistics and dropout frozen); only the projections, the logit scale (and the text tower "
+            "unless it is locked too) train. A fully locked tower's outputs are cached (--frozen_feature_cache)."
+        },
+    )
+    freeze_text_tower: bool = field(
+        default=False,
+        metadata={"help": "Lock the text tower likewise (never the captioning decoder)."},
+    )
+    unfreeze_last_n: int = field(
+        default=0,
+        metadata={
+            "help": "With --freeze_vision_tower / --freeze_text_tower: keep the last N blocks of each locked tower "
+            "trainable (transformer layers; a timm CNN's stages), with the modules after them (final norm, conv "
+            "head). 0 locks whole towers; N > 0 disables the feature cache (the tower's output changes)."
+        },
+    )
+    frozen_feature_cache: str = field(
+        default="memory",
+        metadata={
+            "help": "Cache of a fully locked tower's pooled outputs by dataset index, computed the first time an "
+            "example is seen and reused every epoch (the tower then runs once per example, not once per epoch): "
+            "'memory', 'disk' (a memory-mapped file in --feature_cache_dir, for data whose features do not fit in "
+            "RAM) or 'none'. Applies to NLIPModel dual encoders (an NLIPForPreTraining's towers are locked but not "
+            "cached: its captioner cross-attends to every image token)."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the on-disk feature cache (default: OUTPUT_DIR/feature_cache)."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={
@@ -138,7 +224,17 @@ class NLIPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Before TrainingArguments' own checks: a 0 here otherwise fails late, inside torch's sampler (batch size) or
+        # as a ZeroDivisionError inside transformers (accumulation), after the data and model are built.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` (--{name}) must be a positive integer; got {value!r}.")
         super().__post_init__()
+        if self.dataloader_pin_memory and not _has_accelerator(self.use_cpu):
+            # Pinned memory only speeds up copies to an accelerator; without one torch warns at every DataLoader
+            # iterator (every epoch) and pins nothing.
+            self.dataloader_pin_memory = False
         methods = parse_method(self.method)
         _check_int(self, "noise_warmup_epochs", minimum=0)
         for name in ("gmm_refit_epochs", "npc_memory_refresh_epochs", "completion_refresh_epochs"):
@@ -151,10 +247,21 @@ class NLIPTrainingArguments(TrainingArguments):
             )
         if self.nitc_strength < 0:
             raise ValueError(f"`nitc_strength` (λ) must be >= 0; got {self.nitc_strength}.")
+        if self.nitc_form not in NITC_FORMS:
+            raise ValueError(f"`nitc_form` must be one of {NITC_FORMS}; got {self.nitc_form!r}.")
+        if self.noise_prior not in NOISE_PRIORS:
+            raise ValueError(f"`noise_prior` must be one of {NOISE_PRIORS}; got {self.noise_prior!r}.")
+        if self.noise_prior_model is not None and self.noise_prior != "reference":
+            raise ValueError("`noise_prior_model` is set but `noise_prior` is not 'reference': it would be unused.")
+        if not 0.0 <= self.noise_prior_weight <= 1.0:
+            raise ValueError(f"`noise_prior_weight` must be in [0, 1]; got {self.noise_prior_weight}.")
+        if not 0.0 < self.noise_max_noisy_fraction <= 1.0:
+            raise ValueError(f"`noise_max_noisy_fraction` must be in (0, 1]; got {self.noise_max_noisy_fraction}.")
         if self.srcl_weight_temperature <= 0:
             raise ValueError(f"`srcl_weight_temperature` (τ_w) must be > 0; got {self.srcl_weight_temperature}.")
         if not 0.0 < self.npc_clean_threshold < 1.0:
             raise ValueError(f"`npc_clean_threshold` must be in (0, 1); got {self.npc_clean_threshold}.")
+        self._check_tower_locking()
         if self.remove_unused_columns:
             raise ValueError(
                 "`remove_unused_columns=True` would delete the 'image', 'text' and 'index' columns before the "
@@ -174,6 +281,20 @@ class NLIPTrainingArguments(TrainingArguments):
                 "`noise_estimation_mode='online'` has not recorded yet; use noise_estimation_mode='pass' (losses of "
                 "the pretrained model) or noise_warmup_epochs >= 1."
             )
+
+    def _check_tower_locking(self) -> None:
+        _check_int(self, "unfreeze_last_n", minimum=0)
+        if self.unfreeze_last_n and not (self.freeze_vision_tower or self.freeze_text_tower):
+            raise ValueError(
+                f"`unfreeze_last_n`={self.unfreeze_last_n} unlocks the last blocks of a locked tower, but no tower is "
+                "locked: set freeze_vision_tower and/or freeze_text_tower."
+            )
+        if self.frozen_feature_cache not in CACHE_MODES:
+            raise ValueError(f"`frozen_feature_cache` must be one of {CACHE_MODES}; got {self.frozen_feature_cache!r}.")
+        if self.feature_cache_dir is not None and self.frozen_feature_cache != "disk":
+            raise ValueError("`feature_cache_dir` is only used with frozen_feature_cache='disk'.")
+        if self.frozen_feature_cache == "disk" and self.feature_cache_dir is None:
+            self.feature_cache_dir = os.path.join(self.output_dir, "feature_cache")
 
     def _check_srcl(self, methods: frozenset[str]) -> None:
         has_reference = self.srcl_reference_model is not None
@@ -202,6 +323,18 @@ class NLIPTrainingArguments(TrainingArguments):
         """SRCL's α at `global_step`: linear from `srcl_alpha_start` (step 0) to `srcl_alpha_end` (the last step)."""
         progress = min(1.0, global_step / max(1, max_steps - 1))
         return self.srcl_alpha_start + (self.srcl_alpha_end - self.srcl_alpha_start) * progress
+
+
+def _has_accelerator(use_cpu: bool) -> bool:
+    """Whether training runs on a device that pinned host memory helps (CUDA, XPU, MPS, ...)."""
+    if use_cpu:
+        return False
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _check_int(args: NLIPTrainingArguments, name: str, minimum: int) -> None:

@@ -1,0 +1,70 @@
+"""The reference prior: debiased reference cosines → clean probabilities, the random-pair mean, state round trip."""
+
+import math
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from trainers.evaluation import PairEmbeddings
+from trainers.reference_prior import ReferencePrior, combine_noise, random_pair_cosine
+
+
+def _aligned_pairs(count=400, dim=32, noise_rate=0.4, seed=0):
+    """Pairs whose text embedding is its image's plus noise; a `noise_rate` fraction get another pair's text."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    text = image + 0.7 * torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    noisy = torch.rand(count, generator=generator) < noise_rate
+    picked = torch.nonzero(noisy).flatten()
+    text[picked] = text[picked.roll(1)]
+    return image, text, noisy
+
+
+def test_random_pair_cosine_exact_and_sampled():
+    image, text, _ = _aligned_pairs(count=50)
+    unit_i, unit_t = torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+    exact = sum(float(unit_i[i] @ unit_t[j]) for i in range(50) for j in range(50) if i != j) / (50 * 49)
+    assert math.isclose(random_pair_cosine(image, text), exact, rel_tol=1e-9, abs_tol=1e-12)
+    sampled = random_pair_cosine(image, text, num_pairs=500, seed=1)
+    assert abs(sampled - exact) < 0.03 and sampled == random_pair_cosine(image, text, num_pairs=500, seed=1)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        random_pair_cosine(image[:1], text[:1])
+
+
+def test_prior_separates_mismatched_pairs_and_scores_by_index():
+    image, text, noisy = _aligned_pairs()
+    index = torch.randperm(400, generator=torch.Generator().manual_seed(3)) + 5  # indices 5..404, shuffled
+    embeddings = PairEmbeddings(image[index - 5], text[index - 5], index)
+    prior = ReferencePrior.from_embeddings(embeddings, num_samples=410)
+    beta = random_pair_cosine(image[index - 5], text[index - 5])
+    unit = torch.nn.functional.normalize
+    expected = (unit(image, dim=-1) * unit(text, dim=-1)).sum(-1) - beta
+    torch.testing.assert_close(prior.score[5:405], expected.float())
+    assert torch.isnan(prior.score[:5]).all() and (prior.clean_prob[:5] == 1).all()  # unscored: no evidence
+    assert roc_auc_score(noisy.numpy(), prior.noise_prob[5:405].numpy()) > 0.97
+    assert (prior.clean_prob[5:405][prior.score[5:405] <= 0] == 0).all()
+    summary = prior.summary()
+    assert summary["num_scored"] == 400 and summary["random_pair_cosine"] == pytest.approx(beta)
+
+
+def test_state_round_trip_and_size_check():
+    image, text, _ = _aligned_pairs(count=60)
+    prior = ReferencePrior.from_embeddings(PairEmbeddings(image, text, torch.arange(60)), num_samples=60)
+    restored = ReferencePrior.from_state_dict(prior.state_dict(), num_samples=60)
+    assert torch.equal(restored.clean_prob, prior.clean_prob)
+    torch.testing.assert_close(restored.score, prior.score, equal_nan=True)
+    with pytest.raises(ValueError, match="covers 60 pairs, but the training data has 50"):
+        ReferencePrior.from_state_dict(prior.state_dict(), num_samples=50)
+    with pytest.raises(ValueError, match=r"missing \['clean_prob'\]"):
+        ReferencePrior.from_state_dict({k: v for k, v in prior.state_dict().items() if k != "clean_prob"}, 60)
+    with pytest.raises(ValueError, match=r"indices outside \[0, 10\)"):
+        ReferencePrior.from_embeddings(PairEmbeddings(image, text, torch.arange(60)), num_samples=10)
+
+
+def test_combine_noise():
+    prior, loss = torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1.0, 0.0, 0.5])
+    assert torch.equal(combine_noise(None, prior, 0.3), prior)
+    torch.testing.assert_close(combine_noise(loss, prior, 0.25), torch.tensor([0.75, 0.25, 0.5]))
+    with pytest.raises(ValueError, match=r"`prior_weight` must be in \[0, 1\]"):
+        combine_noise(loss, prior, 1.5)
