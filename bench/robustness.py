@@ -132,20 +132,6 @@ SETTINGS: dict[str, Setting] = {
         swap_within="category",
         reference_dataset="emoji",
     ),
-    "pretrained_emoji": Setting(
-        dataset="emoji",
-        headline=("retrieval", "rsum"),
-        noise_ratios=(0.0, 0.2, 0.4, 0.6, 0.8),
-        hard_noise_ratios=(),
-        epochs=10,
-        batch_size=64,
-        learning_rates=(3e-4, 1e-3, 3e-3),
-        max_train_samples=None,
-        max_eval_samples=None,
-        model_size="pretrained-small",
-        freeze_towers=True,
-        reference_dataset="tuxpaint",
-    ),
     "fashion_mnist": Setting(
         dataset="fashion_mnist",
         headline=("zero_shot", "top1"),
@@ -166,6 +152,8 @@ SETTINGS: dict[str, Setting] = {
         differ_by="label",
     ),
 }
+SETTINGS["pretrained_emoji"] = replace(SETTINGS["pretrained_tuxpaint"], dataset="emoji", hard_noise_ratios=(),
+                                      swap_within=None, reference_dataset="tuxpaint")
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
     name: dict(noise_ratios=(0.0, 0.4), hard_noise_ratios=setting.hard_noise_ratios[:1], epochs=2,
                learning_rates=setting.learning_rates[1:3], max_train_samples=96, max_eval_samples=32, batch_size=32)

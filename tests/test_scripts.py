@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import BertConfig
 
-from modeling_nlip import NLIPForCaptioning, NLIPModel
+from modeling_nlip import NLIPForCaptioning
 from scripts import audit, caption, evaluate, train
 from scripts.data_arguments import DataArguments
 from scripts.model_arguments import (
@@ -27,7 +27,7 @@ from scripts.model_arguments import (
     train_caption_tokenizer,
 )
 from scripts.pair_scoring import fixed_negative_losses
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_processor
+from tiny import save_tiny_dual_checkpoint, tiny_decoder_config, tiny_nlip_config, tiny_processor
 from trainers.losses import contrastive_loss
 
 CAPTIONS = ["a red car on the road", "a small dog, sleeping", "a red car", "<b>bold</b> & <script>alert(1)</script>"]
@@ -35,11 +35,7 @@ CAPTIONS = ["a red car on the road", "a small dog, sleeping", "a red car", "<b>b
 
 @pytest.fixture(scope="module")
 def dual_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dual")
-    NLIPModel(tiny_nlip_config()).save_pretrained(path)
-    tiny_processor().save_pretrained(path)
-    return str(path)
+    return save_tiny_dual_checkpoint(tmp_path_factory.mktemp("dual"))
 
 
 @pytest.fixture(scope="module")

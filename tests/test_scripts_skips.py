@@ -9,23 +9,17 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from shard_server import serve_directory
 
-from modeling_nlip import NLIPModel
 from scripts import audit, train
-from tiny import tiny_nlip_config, tiny_processor
+from tiny import save_tiny_dual_checkpoint
 from trainers.data import MISSING_IMAGE, UNLISTED_IMAGE
 
 
 @pytest.fixture(scope="module")
 def dual_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dual")
-    NLIPModel(tiny_nlip_config()).save_pretrained(path)
-    tiny_processor().save_pretrained(path)
-    return str(path)
+    return save_tiny_dual_checkpoint(tmp_path_factory.mktemp("dual"))
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from shard_server import serve_directory
 
-from modeling_nlip import NLIPModel
-from tiny import tiny_nlip_config, tiny_processor
+from tiny import save_tiny_dual_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SHARDS, PER_SHARD, MAX_STEPS, SAVE_STEPS = 4, 12, 6, 2
@@ -49,11 +48,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dual")
-    NLIPModel(tiny_nlip_config()).save_pretrained(path)
-    tiny_processor().save_pretrained(path)
-    return str(path)
+    return save_tiny_dual_checkpoint(tmp_path_factory.mktemp("dual"))
 
 
 def _command(checkpoint, url, output_dir, *extra):

@@ -82,3 +82,15 @@ def tiny_decoder_config(tokenizer=None, **overrides) -> dict:
                   num_attention_heads=4, max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
                   pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     return {**config, **overrides}
+
+
+def save_tiny_dual_checkpoint(path) -> str:
+    """Save a seeded tiny `NLIPModel` and its processor into `path` (a checkpoint the scripts can load); returns it."""
+    import torch
+
+    from modeling_nlip import NLIPModel
+
+    torch.manual_seed(0)
+    NLIPModel(tiny_nlip_config()).save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return str(path)
