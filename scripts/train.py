@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if trainer.is_world_process_zero():
         print_summary(report)
         logger.info("Report: %s", json.dumps(report, default=str))
+    if torch.distributed.is_initialized():
+        # Under torchrun/accelerate: tear the process group down before exit (left up, its gloo threads can abort
+        # the interpreter's shutdown with "terminate called without an active exception").
+        torch.distributed.destroy_process_group()
     # From the command line (console script, python -m) return None, so that `sys.exit(main())` exits with 0.
     return report if argv is not None else None
 
