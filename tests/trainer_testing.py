@@ -106,3 +106,19 @@ def noise_state_snapshot(noise_state) -> dict:
     """The noise state as plain comparable values (tensors and JSON-like metadata)."""
     tensors, metadata = noise_state.state_dict()
     return {"tensors": {k: v.clone() for k, v in tensors.items()}, "metadata": metadata}
+
+
+def legacy_resume_dataset() -> datasets.Dataset:
+    """The 64 two-caption pairs of the committed legacy-checkpoint fixture (`tests/fixtures/make_legacy_checkpoint.py`)."""
+    return synthetic_pairs(64).map(lambda row: {"text": [row["text"], " ".join(reversed(row["text"].split()))]})
+
+
+def legacy_resume_args(output_dir, **overrides):
+    """The arguments of the legacy-checkpoint fixture's run: `nlip+npc`, 4 steps per epoch, 3 epochs, a checkpoint
+    every 2 steps, the mixture first fit at epoch 1."""
+    options = dict(
+        method="nlip+npc", per_device_train_batch_size=16, num_train_epochs=3, noise_warmup_epochs=1,
+        save_strategy="steps", save_steps=2, learning_rate=3e-3, npc_clean_threshold=0.5,
+    )
+    options.update(overrides)
+    return training_args(output_dir, **options)
