@@ -105,16 +105,19 @@ class Timer(TrainerCallback):
 
     def wrap_memory_fetch(self, trainer: NLIPTrainer) -> None:
         """Also time NPC's fetching and collating of the memory entries (part of its step time)."""
-        fetch = trainer._memory_inputs
+        npc = trainer.objectives.get("npc")
+        if npc is None:
+            return
+        fetch = npc.extra_inputs
 
-        def timed(index):
+        def timed(inputs, context):
             start = time.perf_counter()
-            result = fetch(index)
-            if result is not None:
+            result = fetch(inputs, context)
+            if result:
                 self.memory_fetch.append(time.perf_counter() - start)
             return result
 
-        trainer._memory_inputs = timed
+        npc.extra_inputs = timed
 
     @staticmethod
     def _sync():

@@ -385,21 +385,23 @@ class TrainerSteps:
         trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
         trainer.noise_state.record(torch.arange(len(self.losses)), self.losses, step=0)
-        if "nlip" in trainer.methods:
+        if "nlip" in trainer.objectives:
             trainer.noise_state.fit(epoch=0)
             if not trainer.noise_state.is_estimated:
                 raise RuntimeError(f"The benchmark's noise GMM fit fell back: {trainer.noise_state.estimate_summary}.")
-        if "npc" in trainer.methods:
-            trainer.noise_state.memory_bank = self.memory_bank
+        if "npc" in trainer.objectives:
+            trainer.objectives["npc"].memory_bank = self.memory_bank
         return trainer
 
     def steps(self) -> dict[str, Callable[[], None]]:
         return {name: functools.partial(self.step, trainer) for name, trainer in self.trainers.items()}
 
-    def fetch_memory_entries(self) -> dict[str, torch.Tensor]:
+    def fetch_memory_entries(self) -> dict:
         """What NPC's step spends loading its memory entries (`2 x B` dataset rows, collated, moved to the device):
-        the NPC trainer's own fetch."""
-        return self.trainers["npc"]._memory_inputs(self.batch["index"])
+        the NPC objective's own fetch."""
+        trainer = self.trainers["npc"]
+        trainer.model.train()
+        return trainer.objectives["npc"].extra_inputs(self.batch, trainer.context)
 
     def step(self, trainer) -> None:
         """What the Trainer's loop does per batch without gradient accumulation or clipping: `training_step` (forward

@@ -7,7 +7,6 @@ or per-sample weights. Remote-code safe: imports only torch, transformers and si
 """
 
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +237,16 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         loss, predicted = self.ir_decoder(masked.last_hidden_state, pixel_values, ids_keep, ids_restore, mask)
         return loss, predicted, mask
 
+    def weighted_loss(
+        self,
+        contrastive_loss: torch.Tensor | None = None,
+        lm_loss: torch.Tensor | None = None,
+        ir_loss: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The pre-training objective `itc_weight·contrastive + lm_weight·lm + ir_weight·ir` of the terms given."""
+        terms = ((self.config.itc_weight, contrastive_loss), (self.config.lm_weight, lm_loss), (self.config.ir_weight, ir_loss))
+        return sum(weight * value for weight, value in terms if value is not None)
+
     @can_return_tuple
     def forward(
         self,
@@ -256,9 +265,9 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         synthetic_attention_mask: torch.Tensor | None = None,
         sample_weights: torch.Tensor | None = None,
         lm_sample_weights: torch.Tensor | None = None,
-        contrastive_loss_fn: Callable[..., torch.Tensor] | None = None,
         noise: torch.Tensor | None = None,
         return_loss: bool = True,
+        return_contrastive_loss: bool = True,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
     ) -> NLIPForPreTrainingOutput:
@@ -276,11 +285,12 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
             to read the prefix it will see when captioning. No effect without a bank.
         synthetic_input_ids / synthetic_attention_mask (*optional*):
             Synthetic captions (noise completion), embedded by the text tower as a second positive per image.
-        contrastive_loss_fn (*optional*):
-            `fn(image_embeds, text_embeds, logit_scale, **extra) -> scalar`, e.g.
-            `functools.partial(trainers.losses.nitc_loss, noise_prob=eps)`; `logit_scale` is the exponentiated scale
-            and `extra` holds `synthetic_text_embeds` / `sample_weights` when given. Default: symmetric InfoNCE
-            `mean_i w_i·CE_i`, with synthetic captions `mean_i w_i·½(CE(v_i,t_i) + CE(v_i,t̂_i))`.
+        return_contrastive_loss (`bool`, *optional*, defaults to `True`):
+            Compute the contrastive term: symmetric InfoNCE `mean_i w_i·CE_i`, with synthetic captions
+            `mean_i w_i·½(CE(v_i,t_i) + CE(v_i,t̂_i))`. With False the caller brings its own (e.g. a noise-robust
+            trainer's, from the returned `image_embeds` / `text_embeds` / `synthetic_text_embeds`): `loss` then holds
+            only the captioning and reconstruction terms, and `weighted_loss(contrastive_loss=c, lm_loss=...,
+            ir_loss=...)` gives the full objective.
         sample_weights (`[batch]`, *optional*): weights of the contrastive term's samples (e.g. NPC confidences).
         lm_sample_weights (`[batch]`, *optional*): weights of the LM term's samples (e.g. clean probabilities).
         noise (`[batch, patches]`, *optional*): masking noise of the reconstruction term (the patches with the lowest
@@ -308,11 +318,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         per_sample_itc = None
         if return_loss:
             per_sample_itc = per_sample_info_nce(image_embeds, text_embeds, logit_scale)
-            if contrastive_loss_fn is not None:
-                extra = {"synthetic_text_embeds": synthetic_text_embeds, "sample_weights": sample_weights}
-                extra = {k: v for k, v in extra.items() if v is not None}
-                losses["contrastive_loss"] = contrastive_loss_fn(image_embeds, text_embeds, logit_scale, **extra)
-            else:
+            if return_contrastive_loss:
                 per_sample = per_sample_itc
                 if synthetic_text_embeds is not None:
                     per_sample = (per_sample + per_sample_info_nce(image_embeds, synthetic_text_embeds, logit_scale)) / 2
@@ -353,10 +359,7 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
             if return_loss:
                 losses["ir_loss"] = ir_loss
 
-        loss = None
-        if losses:
-            weights = {"contrastive_loss": self.config.itc_weight, "lm_loss": self.config.lm_weight, "ir_loss": self.config.ir_weight}
-            loss = sum(weights[name] * value for name, value in losses.items())
+        loss = self.weighted_loss(**losses) if losses else None
         return NLIPForPreTrainingOutput(
             loss=loss,
             contrastive_loss=losses.get("contrastive_loss"),

@@ -70,7 +70,8 @@ def run_config(name: str, output_dir: str, world_size: int) -> dict:
     trainer.train()
     record["loss_bank"] = trainer.noise_state.loss_bank.state_dict()
     record["noise_prob"] = trainer.noise_state.noise_prob.clone()
-    bank = trainer.noise_state.memory_bank
+    npc = trainer.objectives.get("npc")
+    bank = None if npc is None else npc.memory_bank
     record["memory_neighbors"] = torch.stack([bank.image_neighbors, bank.text_neighbors]) if bank else torch.empty(0)
     record["weights"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return record

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from trainers.losses import (
-    NPCLossOutput,
+    Contribution,
+    combine_contributions,
     contrastive_logits,
     contrastive_loss,
     complementary_contrastive_loss,
     nitc_loss,
     npc_confidence,
-    npc_loss,
-    srcl_loss,
+    srcl_weight_pair,
     srcl_negative_weights,
 )
 
@@ -334,7 +334,8 @@ def test_srcl_equals_infonce_when_all_weights_are_one():
     # Orthogonal pairs: every negative has similarity 0, so all SRCL weights are exactly 1.
     image, text = _orthogonal_pairs(4)
     _close(srcl_negative_weights(image @ text.T), torch.ones(4, 4))
-    _close(srcl_loss(image, text, 3.0), contrastive_loss(image, text, 3.0).item())
+    srcl = Contribution(negative_weights=srcl_weight_pair(image, text))
+    _close(combine_contributions(image, text, 3.0, [srcl]), contrastive_loss(image, text, 3.0).item())
 
 
 def test_srcl_loss_matches_reference_both_directions():
@@ -345,18 +346,14 @@ def test_srcl_loss_matches_reference_both_directions():
     mixed = [[0.4 * s_ref[i][j] + 0.6 * s[i][j] for j in range(4)] for i in range(4)]
     mixed_t = [list(column) for column in zip(*mixed)]
     expected = reference_ce(image, text, 5.0, reference_srcl_weights(mixed, 0.1), reference_srcl_weights(mixed_t, 0.1))
-    loss = srcl_loss(
-        image,
-        text,
-        5.0,
-        reference_image_embeds=reference_image,
-        reference_text_embeds=reference_text,
-        alpha=0.4,
-        reduction="none",
+    weights = srcl_weight_pair(
+        image, text, reference_image_embeds=reference_image, reference_text_embeds=reference_text, alpha=0.4
     )
-    _close(loss, expected, tol=1e-5)
+    _close(contrastive_loss(image, text, 5.0, negative_weights=weights, reduction="none"), expected, tol=1e-5)
+    combined = combine_contributions(image, text, 5.0, [Contribution(negative_weights=weights)])
+    _close(combined, sum(expected) / 4, tol=1e-5)
     with pytest.raises(ValueError, match="both"):
-        srcl_loss(image, text, 5.0, reference_image_embeds=reference_image, alpha=0.4)
+        srcl_weight_pair(image, text, reference_image_embeds=reference_image, alpha=0.4)
 
 
 # ---- NPC ------------------------------------------------------------------------------------------------------------
@@ -387,18 +384,15 @@ def test_npc_loss_value_and_memory_gradient():
     memory_image.requires_grad_()
     memory_text.requires_grad_()
     confidence = torch.tensor([1.0, 0.3, 0.0, 0.8])
-    output = npc_loss(image, text, 3.0, confidence, memory_image, memory_text)
-    assert isinstance(output, NPCLossOutput)
+    memory_loss = contrastive_loss(memory_image, memory_text, 3.0)
+    loss = combine_contributions(image, text, 3.0, [Contribution(sample_weights=confidence, losses={"memory": memory_loss})])
     ce = reference_ce(image, text, 3.0)
     memory = sum(reference_ce(memory_image.detach(), memory_text.detach(), 3.0)) / 6
-    _close(output.per_sample, ce)
-    _close(output.memory_loss, memory)
-    _close(output.loss, sum(c * x for c, x in zip(confidence.tolist(), ce)) / 4 + memory)
-    output.loss.backward()
+    _close(memory_loss, memory)
+    _close(loss, sum(c * x for c, x in zip(confidence.tolist(), ce)) / 4 + memory)
+    loss.backward()
     assert memory_image.grad is not None and memory_image.grad.abs().sum() > 0
     assert memory_text.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="per_sample"):
-        npc_loss(image, text, 3.0, confidence, memory_image, memory_text, reduction="none")
 
 
 def test_npc_per_sample_weights_scale_each_samples_gradient():
@@ -409,7 +403,8 @@ def test_npc_per_sample_weights_scale_each_samples_gradient():
     image.requires_grad_()
     confidence = torch.tensor([1.0, 0.5, 0.25, 0.0])
     memory = torch.eye(2, 2 * size, dtype=torch.float64)
-    npc_loss(image, text, 2.0, confidence, memory, memory).loss.backward()
+    npc = Contribution(sample_weights=confidence, losses={"memory": contrastive_loss(memory, memory, 2.0)})
+    combine_contributions(image, text, 2.0, [npc]).backward()
     own_direction = torch.stack([image.grad[i, size + i] for i in range(size)])
     assert own_direction[0] != 0
     _close(own_direction / own_direction[0], confidence.tolist(), tol=1e-9)
@@ -456,3 +451,39 @@ def test_complementary_loss_is_bounded():
     assert float(complementary_contrastive_loss(image.detach(), text, 1e4, reduction="none").max()) <= 3 * -math.log(1e-7)
     with pytest.raises(ValueError, match="at least 2 pairs"):
         complementary_contrastive_loss(image[:1], text[:1], 1.0)
+
+
+# ---- combining the methods' contributions ---------------------------------------------------------------------------
+
+
+def test_combine_contributions_composes_each_method_term():
+    image, text = _batch(size=5, seed=3)
+    noise = torch.tensor([0.0, 0.9, 0.2, 0.5, 1.0])
+    confidence = torch.tensor([1.0, 0.5, 0.2, 0.8, 1.0])
+    weights = srcl_weight_pair(image, text)
+    # Nothing to weigh: plain InfoNCE (the per-pair losses' mean when the caller has them).
+    _close(combine_contributions(image, text, 4.0, []), contrastive_loss(image, text, 4.0).item())
+    per_sample = torch.full((5,), 2.5)
+    _close(combine_contributions(image, text, 4.0, [Contribution()], per_sample=per_sample), 2.5)
+    # NLIP + NPC + SRCL: one NITC term with the confidences as sample weights and SRCL's negative weights.
+    expected = nitc_loss(image, text, 4.0, noise, strength=0.3, sample_weights=confidence, negative_weights=weights)
+    parts = [Contribution(noise_prob=noise, nitc_strength=0.3), Contribution(sample_weights=confidence),
+             Contribution(negative_weights=weights)]
+    _close(combine_contributions(image, text, 4.0, parts), expected.item(), tol=1e-6)
+    # Sample weights of several contributions multiply.
+    twice = [Contribution(sample_weights=confidence), Contribution(sample_weights=confidence)]
+    _close(combine_contributions(image, text, 4.0, twice),
+           contrastive_loss(image, text, 4.0, sample_weights=confidence * confidence).item(), tol=1e-7)
+    # RCL (+ NPC): the complementary loss, weighted; extra losses are added.
+    rcl = [Contribution(complementary=True), Contribution(sample_weights=confidence, losses={"m": torch.tensor(0.25)})]
+    _close(combine_contributions(image, text, 4.0, rcl),
+           complementary_contrastive_loss(image, text, 4.0, sample_weights=confidence).item() + 0.25, tol=1e-6)
+
+
+def test_combine_contributions_rejects_conflicting_terms():
+    image, text = _batch(size=3)
+    with pytest.raises(ValueError, match="At most one contribution may replace the positive term"):
+        combine_contributions(image, text, 2.0, [Contribution(noise_prob=torch.zeros(3)), Contribution(complementary=True)])
+    with pytest.raises(ValueError, match="Negative weights do not apply to the complementary"):
+        combine_contributions(image, text, 2.0, [Contribution(complementary=True),
+                                                 Contribution(negative_weights=srcl_weight_pair(image, text))])

@@ -17,17 +17,17 @@ from trainer_testing import (
     tiny_model,
     training_args,
 )
-from trainers.callbacks import epoch_index, is_due
+from trainers.callbacks import epoch_index
 from trainers.collator import ImageTextCollator
 from trainers.losses import (
     complementary_contrastive_loss,
     contrastive_loss,
     nitc_loss,
     npc_confidence,
-    npc_loss,
-    srcl_loss,
+    srcl_weight_pair,
 )
 from trainers.metrics import retrieval_compute_metrics
+from trainers.objectives.schedule import is_due
 from trainers.trainer import NLIPTrainer
 
 
@@ -117,13 +117,14 @@ def test_method_end_to_end(method, fashion, pretrained, tmp_path):
         assert train_logs[0]["nlip/batch_noise_prob"] == 0.0  # warm-up: plain contrastive
         assert train_logs[-1]["nlip/batch_noise_prob"] > 0.1
     if method == "npc":
-        assert state.memory_bank is not None and state.memory_epoch == 0
-        clean = set(state.memory_bank.clean_indices.tolist())
+        npc = trainer.objectives["npc"]
+        assert npc.memory_bank is not None and npc.memory_epoch == 0
+        clean = set(npc.memory_bank.clean_indices.tolist())
         assert 0 < len(clean) < len(fashion["train"])
-        assert set(state.memory_bank.image_neighbors.tolist()) <= clean
+        assert set(npc.memory_bank.image_neighbors.tolist()) <= clean
         confidences = [logs["npc/confidence"] for logs in train_logs]
         assert all(0.0 < c < 1.0 for c in confidences), confidences  # some samples are down-weighted
-        assert trainer.npc_sibling is not None
+        assert npc.sibling is not None
 
 
 # ------------------------------------------------------------------------------------------------ loss wiring
@@ -174,7 +175,8 @@ def test_compute_loss_matches_the_loss_functions(tmp_path, tiny_batch):
 
     trainer = _trainer(tmp_path, pairs, "srcl", srcl_weight_temperature=0.05)
     images, texts, scale = _embeds(trainer.model, batch)
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), srcl_loss(images, texts, scale, temperature=0.05))
+    expected = contrastive_loss(images, texts, scale, negative_weights=srcl_weight_pair(images, texts, temperature=0.05))
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
 
 
 def test_compute_loss_with_reference_model(tmp_path, tiny_batch):
@@ -184,10 +186,12 @@ def test_compute_loss_with_reference_model(tmp_path, tiny_batch):
                          max_steps=4)
     trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor(),
                           reference_model=reference)
-    trainer.srcl_alpha = 0.7
+    srcl = trainer.objectives["srcl"]
+    srcl.alpha = 0.7
     images, texts, scale = _embeds(trainer.model, batch)
     ref_images, ref_texts, _ = _embeds(reference, batch)
-    expected = srcl_loss(images, texts, scale, reference_image_embeds=ref_images, reference_text_embeds=ref_texts, alpha=0.7)
+    weights = srcl_weight_pair(images, texts, reference_image_embeds=ref_images, reference_text_embeds=ref_texts, alpha=0.7)
+    expected = contrastive_loss(images, texts, scale, negative_weights=weights)
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
     # The schedule: α goes linearly from 1 to 0 over the 4 steps.
     alphas = []
@@ -197,7 +201,7 @@ def test_compute_loss_with_reference_model(tmp_path, tiny_batch):
             alphas.append(None)
 
         def on_step_end(self, args, state, control, **kwargs):
-            alphas[-1] = trainer.srcl_alpha
+            alphas[-1] = srcl.alpha
 
     trainer.add_callback(Alpha())
     trainer.train()
@@ -205,7 +209,8 @@ def test_compute_loss_with_reference_model(tmp_path, tiny_batch):
 
 
 def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
-    """The trainer's NPC loss equals `npc_loss` with confidences from a sibling that took one optimizer step."""
+    """The trainer's NPC loss is the confidence-weighted InfoNCE plus the memory entries' InfoNCE, with confidences
+    from a sibling that took one optimizer step."""
     pairs, batch = tiny_batch
     trainer = _trainer(tmp_path, pairs, "npc", optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
     trainer.create_optimizer()
@@ -214,8 +219,9 @@ def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
 
     with torch.no_grad():
         images, texts, _ = _embeds(trainer.model, batch)
-    trainer.noise_state.memory_bank = build_memory_bank(images, texts, 1 - trainer.noise_state.noise_prob, progress_bar=False)
-    bank = trainer.noise_state.memory_bank
+    npc = trainer.objectives["npc"]
+    npc.memory_bank = build_memory_bank(images, texts, 1 - trainer.noise_state.noise_prob, progress_bar=False)
+    bank = npc.memory_bank
     loss, details = trainer.compute_loss(trainer.model, batch, return_outputs=True)
 
     # Reference: memory entries deduplicated by index, the sibling = the model after one SGD step on the batch.
@@ -235,11 +241,12 @@ def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
     image_side = torch.tensor([position[int(i)] for i in bank.image_neighbors])
     text_side = torch.tensor([position[int(i)] for i in bank.text_neighbors])
     confidence = npc_confidence(before[image_side], after[image_side], before[text_side], after[text_side])
-    torch.testing.assert_close(details.confidence, confidence)
+    contribution = details.contributions["npc"]
+    torch.testing.assert_close(contribution.sample_weights, confidence)
     assert (confidence < 1).any()
-    expected = npc_loss(images, texts, scale, confidence, memory_images, memory_texts)
-    torch.testing.assert_close(loss, expected.loss)
-    torch.testing.assert_close(details.memory_loss, expected.memory_loss)
+    memory_loss = contrastive_loss(memory_images, memory_texts, scale)
+    torch.testing.assert_close(contribution.losses["npc/memory_loss"], memory_loss)
+    torch.testing.assert_close(loss, contrastive_loss(images, texts, scale, sample_weights=confidence) + memory_loss)
 
 
 # -------------------------------------------------------------------------------- gradient accumulation, bf16
@@ -356,17 +363,18 @@ def test_noise_completion_with_pretraining_model(tmp_path):
                          per_device_train_batch_size=8, num_train_epochs=2, noise_warmup_epochs=1, logging_steps=1)
     trainer = NLIPTrainer(model=_pretraining_model(), args=args, train_dataset=pairs, processing_class=processor())
     seen_synthetic = []
-    original = trainer._synthetic_text_inputs
+    nlip = trainer.objectives["nlip"]
+    original = nlip.extra_inputs
 
-    def spy(inputs):
-        result = original(inputs)
-        seen_synthetic.append(result is not None)
+    def spy(inputs, context):
+        result = original(inputs, context)
+        seen_synthetic.append(bool(result))
         return result
 
-    trainer._synthetic_text_inputs = spy
+    nlip.extra_inputs = spy
     trainer.train()
-    captions = trainer.noise_state.synthetic_captions
-    assert trainer.noise_state.completion_epoch == 1
+    captions = nlip.synthetic_captions
+    assert nlip.completion_epoch == 1
     assert len(captions) == 16 and all(isinstance(c, str) for c in captions)
     assert seen_synthetic == [False, False, True, True]  # epoch 0: warm-up, no captions yet
     logs = [entry for entry in trainer.state.log_history if "pretraining/lm_loss" in entry]
@@ -385,10 +393,11 @@ def test_noise_completion_with_captioning_checkpoint(tmp_path):
                          completion_max_new_tokens=3, per_device_train_batch_size=8, num_train_epochs=1,
                          noise_warmup_epochs=0)
     trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
-    assert isinstance(trainer.captioner, NLIPForCaptioning)
+    captioner = trainer.objectives["nlip"].captioner
+    assert isinstance(captioner, NLIPForCaptioning)
     trainer.train()
-    captions = trainer.noise_state.synthetic_captions
-    expected = trainer.captioner.caption([pairs[i]["image"] for i in range(8)], processor(), max_new_tokens=3)
+    captions = trainer.objectives["nlip"].synthetic_captions
+    expected = captioner.caption([pairs[i]["image"] for i in range(8)], processor(), max_new_tokens=3)
     assert captions == expected
 
 

@@ -10,7 +10,9 @@ import torch
 
 from trainer_testing import noise_state_snapshot, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.noise_state import NOISE_STATE_JSON, NOISE_STATE_TENSORS, NoiseState
-from trainers.trainer import NPC_SIBLING_OPTIMIZER_NAME, NLIPTrainer
+from trainers.objectives.base import objective_state_paths
+from trainers.objectives.npc import NPC_SIBLING_OPTIMIZER_NAME
+from trainers.trainer import NLIPTrainer
 
 
 # 64 pairs in batches of 16: 4 steps per epoch, 3 epochs; the GMM is first fit at the start of epoch 1 (step 4).
@@ -79,7 +81,8 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, step, tmp_path):
     checkpoint = os.path.join(reference.args.output_dir, f"checkpoint-{step}")
     assert NoiseState.exists(checkpoint) and os.path.isfile(os.path.join(checkpoint, NOISE_STATE_JSON))
     if method == "npc":
-        assert reference.noise_state.memory_bank is not None and reference.noise_state.memory_epoch >= 1
+        npc = reference.objectives["npc"]
+        assert npc.memory_bank is not None and npc.memory_epoch >= 1
         assert os.path.isfile(os.path.join(checkpoint, NPC_SIBLING_OPTIMIZER_NAME)) == (step > 4)
     assert reference.noise_state.num_fits == 3  # epochs 1 and 2, and the final fit
 
@@ -93,7 +96,8 @@ def test_resume_without_noise_state_diverges(uninterrupted, tmp_path, caplog):
     method, reference = uninterrupted
     checkpoint = tmp_path / "checkpoint-6"
     shutil.copytree(os.path.join(reference.args.output_dir, "checkpoint-6"), checkpoint)
-    for name in (NOISE_STATE_TENSORS, NOISE_STATE_JSON, NPC_SIBLING_OPTIMIZER_NAME):
+    objective_files = [path for name in reference.objectives for path in objective_state_paths(checkpoint, name)]
+    for name in (NOISE_STATE_TENSORS, NOISE_STATE_JSON, NPC_SIBLING_OPTIMIZER_NAME, *objective_files):
         (checkpoint / name).unlink(missing_ok=True)
     with caplog.at_level(logging.WARNING, logger="trainers.trainer"):
         resumed = _run(tmp_path / "run", method, resume_from=str(checkpoint))

@@ -5,20 +5,23 @@ from .data import SkipReport, load_imagefolder_pairs, load_webdataset_pairs, pre
 from .feature_cache import FeatureCache
 from .loss_bank import LossBank
 from .losses import (
-    NPCLossOutput,
+    Contribution,
+    combine_contributions,
+    complementary_contrastive_loss,
     contrastive_logits,
     contrastive_loss,
     nitc_loss,
     npc_confidence,
-    npc_loss,
-    srcl_loss,
     srcl_negative_weights,
+    srcl_weight_pair,
 )
 from .memory_bank import MemoryBank, build_memory_bank
 from .metrics import captioning_metrics, noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
 from .noise_estimation import CleanProbabilityEstimator, NoiseEstimate
 from .noise_injection import inject_caption_noise, truncate_captions
 from .noise_state import NoiseState
+from .noise_tracker import NoiseTracker
+from .objectives import Objective, register_objective
 from .trainer import NLIPTrainer
 from .training_args import NLIPTrainingArguments
 
@@ -30,12 +33,16 @@ __all__ = [
     "MemoryBank",
     "NLIPTrainer",
     "NLIPTrainingArguments",
-    "NPCLossOutput",
+    "Contribution",
     "NoiseEstimate",
     "NoiseState",
+    "NoiseTracker",
+    "Objective",
     "SkipReport",
     "build_memory_bank",
     "captioning_metrics",
+    "combine_contributions",
+    "complementary_contrastive_loss",
     "contrastive_logits",
     "contrastive_loss",
     "inject_caption_noise",
@@ -44,11 +51,11 @@ __all__ = [
     "nitc_loss",
     "noise_detection_metrics",
     "npc_confidence",
-    "npc_loss",
     "prepare_pairs",
     "retrieval_metrics",
-    "srcl_loss",
+    "register_objective",
     "srcl_negative_weights",
+    "srcl_weight_pair",
     "truncate_captions",
     "zero_shot_accuracy",
 ]

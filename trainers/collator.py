@@ -97,7 +97,8 @@ class ImageTextCollator:
         # A string seed is hashed with SHA-512: stable across processes (unlike `hash()` of a tuple).
         return random.Random(f"{self.seed}/{self.epoch}/{index}").choice(captions)
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask of `texts`, padded and truncated as the batches' captions are."""
         return self.processor.tokenizer(
             texts, padding=self.padding, truncation=self.truncation, max_length=self.max_length, return_tensors="pt"
         )
@@ -159,7 +160,7 @@ class ImageTextCollator:
             synthetic = [
                 (non_empty_captions(ex["synthetic_text"]) or [text])[0] for ex, text in zip(kept, texts, strict=True)
             ]
-            synthetic_encoded = self._tokenize(synthetic)
+            synthetic_encoded = self.tokenize(synthetic)
             batch["synthetic_input_ids"] = synthetic_encoded["input_ids"]
             batch["synthetic_attention_mask"] = synthetic_encoded["attention_mask"]
         if "concepts" in kept[0]:

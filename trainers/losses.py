@@ -27,7 +27,7 @@ Methods (cite these when using the losses):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -342,24 +342,20 @@ def _detached_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) 
     return contrastive_logits(_at_least_float32(image_embeds.detach()), _at_least_float32(text_embeds.detach()), 1.0)
 
 
-def srcl_loss(
+def srcl_weight_pair(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
-    logit_scale,
     *,
     reference_image_embeds: torch.Tensor | None = None,
     reference_text_embeds: torch.Tensor | None = None,
     alpha: float = 0.0,
     temperature: float = DEFAULT_SRCL_TEMPERATURE,
-    sample_weights=None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Similarity-regulated contrastive loss (SRCL; Jiang et al., ACL 2023).
-
-    `contrastive_loss` with `w^v = srcl_negative_weights(S)` and `w^t = srcl_negative_weights(Sᵀ)` where `S` is the
-    image->text cosine-similarity matrix of the batch (mixed with the reference model's, weight `alpha`, when
-    reference embeddings are given). Each direction is normalised on its own, so `w^t ≠ (w^v)ᵀ` in general.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SRCL's negative weights of both directions (Jiang et al., ACL 2023): `(w^v, w^t)` with
+    `w^v = srcl_negative_weights(S)` and `w^t = srcl_negative_weights(Sᵀ)`, where `S` is the batch's image->text cosine
+    similarity (mixed with the reference model's, weight `alpha`, when reference embeddings are given). Each direction
+    is normalised on its own, so `w^t ≠ (w^v)ᵀ` in general. SRCL's loss is `contrastive_loss` with
+    `negative_weights=(w^v, w^t)`."""
     _check_pair(image_embeds, text_embeds)
     online = _detached_similarity(image_embeds, text_embeds)
     reference = None
@@ -372,14 +368,7 @@ def srcl_loss(
     weights_t = srcl_negative_weights(
         online.T, reference_similarity=None if reference is None else reference.T, alpha=alpha, temperature=temperature
     )
-    return contrastive_loss(
-        image_embeds,
-        text_embeds,
-        logit_scale,
-        sample_weights=sample_weights,
-        negative_weights=(weights_v, weights_t),
-        reduction=reduction,
-    )
+    return weights_v, weights_t
 
 
 def npc_confidence(
@@ -412,50 +401,96 @@ def npc_confidence(
 
 
 @dataclass
-class NPCLossOutput:
-    """Output of `npc_loss`.
+class Contribution:
+    """What one method adds to the loss of a batch (`trainers.objectives`); every field is optional and
+    `combine_contributions` composes them.
 
     Attributes:
-        loss: the training loss, `reduce_i(w_i·CE_i) + memory_loss` (scalar).
-        per_sample: the unweighted batch `CE_i` (`[B]`, with graph) — what a `LossBank` records.
-        memory_loss: the contrastive loss of the memory pairs (scalar, with graph).
+        sample_weights: `[B]` weights of each pair's positive terms (NPC's confidences); several multiply.
+        negative_weights: `(w^v, w^t)` `[B, B]` weights of the negatives inside the softmax (SRCL); several multiply.
+        synthetic_negative_weights: the same for the synthetic-caption term.
+        noise_prob: `[B]` noise probabilities `ε`: the positive term becomes `nitc_loss` with `nitc_strength` /
+            `nitc_form`.
+        synthetic_text_embeds: `[B, D]` a second, `ε`-weighted positive per image (with `noise_prob`).
+        complementary: replace the positive term by `complementary_contrastive_loss` (RCL).
+        losses: extra loss terms added to the objective (NPC's memory-bank loss).
+        metrics: values averaged into the training logs (not used here).
     """
 
-    loss: torch.Tensor
-    per_sample: torch.Tensor
-    memory_loss: torch.Tensor
+    sample_weights: torch.Tensor | None = None
+    negative_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    synthetic_negative_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    noise_prob: torch.Tensor | None = None
+    nitc_strength: float = 0.1
+    nitc_form: str = "balanced"
+    synthetic_text_embeds: torch.Tensor | None = None
+    complementary: bool = False
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def npc_loss(
+def _product(values: list) -> object:
+    """The elementwise product of tensors (or of `(w^v, w^t)` pairs); None for none, the value itself for one."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return None
+    result = values[0]
+    for value in values[1:]:
+        result = tuple(a * b for a, b in zip(result, value)) if isinstance(result, tuple) else result * value
+    return result
+
+
+def combine_contributions(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     logit_scale,
-    confidence,
-    memory_image_embeds: torch.Tensor,
-    memory_text_embeds: torch.Tensor,
+    contributions: Sequence[Contribution],
     *,
-    reduction: str = "mean",
-) -> NPCLossOutput:
-    """NPC's re-weighted training loss (Zhang et al., AAAI 2024, step 4), following the paper.
+    per_sample: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The training loss of a (global) batch from the methods' contributions: the one place the loss algebra is
+    composed.
 
-    `loss = mean_i(w_i·CE_i) + L_memory`, where `w_i = confidence[i]` (from `npc_confidence`) weighs each sample's own
-    `CE_i` (not the batch mean as in the official code) and `L_memory` is the mean symmetric InfoNCE of the memory
-    pairs **with gradient** (the official code's memory term carries none).
+    With `w` the product of the sample weights and `W` that of the negative weights:
 
-    Memory pairs: row k of `memory_image_embeds` and `memory_text_embeds` is the image and the caption of one clean
-    pair (`[M, D]` each). The caller concatenates the batch's image-side and text-side memory entries into this one
-    set; deduplicate them first (e.g. `torch.unique` on their dataset indices), since a clean pair that is the
-    neighbour of several samples would otherwise be its own false negative.
+    - a contribution with `noise_prob` ε (NLIP): `nitc_loss(ε, sample_weights=w, negative_weights=W, ...)`;
+    - one with `complementary` (RCL): `complementary_contrastive_loss(sample_weights=w)`;
+    - otherwise `contrastive_loss(sample_weights=w, negative_weights=W)` — with nothing to weigh, the mean of
+      `per_sample` when the caller already has the per-pair InfoNCE (CLIP);
 
-    Args:
-        reduction: `"mean"` (`Σ_i w_i·CE_i / B`) or `"sum"` for the batch term; the memory term is always a mean. For
-            per-sample values use the output's `per_sample`.
+    plus every contribution's extra `losses` (NPC's memory-bank loss). At most one contribution may shape the positive
+    term (`noise_prob` or `complementary`), and negative weights do not apply to the complementary loss.
     """
-    if reduction == "none":
-        raise ValueError("`npc_loss` returns a scalar; use `reduction='mean'` or 'sum' and read `.per_sample`.")
-    _check_pair(memory_image_embeds, memory_text_embeds, "memory_image_embeds/memory_text_embeds")
-    per_sample = _per_sample_contrastive(image_embeds, text_embeds, logit_scale, None)
-    confidence = _per_sample_vector(confidence, per_sample.shape[0], per_sample, "confidence").detach()
-    memory_loss = contrastive_loss(memory_image_embeds, memory_text_embeds, logit_scale)
-    loss = _reduce(per_sample, confidence, reduction) + memory_loss
-    return NPCLossOutput(loss=loss, per_sample=per_sample, memory_loss=memory_loss)
+    shaping = [c for c in contributions if c.noise_prob is not None or c.complementary]
+    if len(shaping) > 1:
+        raise ValueError("At most one contribution may replace the positive term (noise_prob or complementary).")
+    sample_weights = _product([c.sample_weights for c in contributions])
+    negative_weights = _product([c.negative_weights for c in contributions])
+    noisy = shaping[0] if shaping and shaping[0].noise_prob is not None else None
+    if noisy is not None:
+        loss = nitc_loss(
+            image_embeds,
+            text_embeds,
+            logit_scale,
+            noisy.noise_prob,
+            strength=noisy.nitc_strength,
+            form=noisy.nitc_form,
+            synthetic_text_embeds=noisy.synthetic_text_embeds,
+            negative_weights=negative_weights,
+            synthetic_negative_weights=_product([c.synthetic_negative_weights for c in contributions]),
+            sample_weights=sample_weights,
+        )
+    elif shaping:
+        if negative_weights is not None:
+            raise ValueError("Negative weights do not apply to the complementary contrastive loss.")
+        loss = complementary_contrastive_loss(image_embeds, text_embeds, logit_scale, sample_weights=sample_weights)
+    elif negative_weights is not None or sample_weights is not None or per_sample is None:
+        loss = contrastive_loss(
+            image_embeds, text_embeds, logit_scale, sample_weights=sample_weights, negative_weights=negative_weights
+        )
+    else:
+        loss = per_sample.mean()
+    for contribution in contributions:
+        for term in contribution.losses.values():
+            loss = loss + term
+    return loss

@@ -18,6 +18,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .objectives import method_names, objective_class
+
+
 TRAINING_SUMMARY_NAME = "nlip_training_summary.json"
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "model_card_template.md"
 PIPELINE_TAGS = {"zero-shot-image-classification": "AutoModel", "image-to-text": "AutoModelForImageTextToText"}
@@ -37,58 +40,6 @@ HEADS = {
 RETRIEVAL_METRIC = re.compile(r"(i2t|t2i)_R@\d+|rsum")
 
 
-@dataclass(frozen=True)
-class _Method:
-    title: str
-    description: str
-    citation: str
-    reference: str
-
-
-METHODS = {
-    "clip": _Method(
-        "CLIP contrastive loss (baseline)",
-        "the plain symmetric InfoNCE loss over the batch, with no noise handling",
-        "Radford et al., ICML 2021",
-        "Radford et al. *Learning Transferable Visual Models From Natural Language Supervision.* ICML 2021.",
-    ),
-    "nlip": _Method(
-        "NLIP noise-harmonization and noise-completion",
-        "each pair's loss is tracked during training and, after a warm-up, a two-component Gaussian mixture over the "
-        "normalized losses gives the pair a noise probability `ε`; the pair's contrastive term is weighted by `1 − ε` "
-        "(normalized by the total weight in the default balanced form) and a term `λ·ε·s_ii` (bounded at the "
-        "random-pair similarity in the balanced form) pushes likely mismatched pairs apart. With noise-completion, a "
-        "concept-conditioned "
-        "captioner writes synthetic captions that serve as a second positive weighted by `ε`",
-        "Huang et al., AAAI 2023",
-        "Huang et al. *NLIP: Noise-Robust Language-Image Pre-training.* AAAI 2023.",
-    ),
-    "npc": _Method(
-        "NPC negative pre-aware fine-tuning",
-        "a memory bank holds each sample's nearest confidently clean pairs; a copy of the model takes one step on the "
-        "batch, and a sample whose step makes its clean neighbours' loss worse gets a low confidence "
-        "`w = tanh(ℓ⁰/ℓ¹)`; the model is updated with the confidence-weighted contrastive loss plus the memory-bank loss",
-        "Zhang et al., AAAI 2024",
-        "Zhang et al. *Negative Pre-aware for Noisy Cross-modal Matching.* AAAI 2024.",
-    ),
-    "rcl": _Method(
-        "RCL complementary contrastive loss",
-        "instead of pulling each image towards its own caption, every non-matching pair is pushed apart with the bounded "
-        "complementary loss `−Σ_{j≠i} log(1 − p_ij)`, which a shuffled caption cannot mislead much; it needs no noise "
-        "estimate",
-        "Hu et al., TPAMI 2023",
-        "Hu et al. *Cross-Modal Retrieval with Partially Mismatched Pairs.* TPAMI 2023.",
-    ),
-    "srcl": _Method(
-        "SRCL cross-modal similarity regulation",
-        "negatives in the contrastive denominator are re-weighted by the inverse of their cross-modal similarity "
-        "(each row normalized to mean 1), so that likely false negatives — other captions that also fit the image — "
-        "are pushed away less",
-        "Jiang et al., ACL 2023",
-        "Jiang et al. *Vision Language Pre-training by Contrastive Learning with Cross-Modal Similarity Regulation.* "
-        "ACL 2023.",
-    ),
-}
 NOISE_STATISTIC_LABELS = {
     "mean_noise_probability": "Mean noise probability `ε`",
     "estimated_noisy_fraction": "Estimated noisy fraction (`ε > 0.5`)",
@@ -100,27 +51,15 @@ NOISE_STATISTIC_LABELS = {
 }
 
 
-def method_components(method: str) -> list[str]:
-    """The parts of a method name such as `"nlip+srcl"`; ValueError for unknown parts or `clip` in a combination."""
-    parts = [part.strip().lower() for part in method.split("+")]
-    unknown = [part for part in parts if part not in METHODS]
-    if unknown or len(set(parts)) != len(parts):
-        raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)} or a '+'-joined combination of "
-                         f"distinct ones (e.g. 'nlip+srcl'); unknown or repeated: {unknown or parts}.")
-    if "clip" in parts and len(parts) > 1:
-        raise ValueError(f"method={method!r}: 'clip' is the plain baseline and does not combine with other methods.")
-    return parts
-
-
 def _combination_note(parts: list[str]) -> str | None:
-    """How the components of a combined method enter one objective (None for a single method)."""
+    """How the parts of a combined method enter one objective (None for a single method), from their cards."""
     if len(parts) < 2:
         return None
-    weights = [label for name, label in (("nlip", "NLIP's `1 − ε`"), ("npc", "NPC's confidence")) if name in parts]
+    cards = [objective_class(name).card for name in parts]
+    weights = [card.combined_weight for card in cards if card.combined_weight]
     clauses = [f"the per-pair weights ({' × '.join(weights)}) multiply each pair's contrastive term"] if weights else []
-    if "srcl" in parts:
-        clauses.append("SRCL's weights re-weight the negatives in its denominator")
-    return f"The components are combined in one objective: {' and '.join(clauses)}."
+    clauses += [card.combined_clause for card in cards if card.combined_clause]
+    return f"The components are combined in one objective: {' and '.join(clauses)}." if clauses else None
 
 
 def _tower(config: Any) -> str | None:
@@ -233,7 +172,7 @@ class TrainingSummary:
 
     def __post_init__(self):
         if self.method is not None:
-            method_components(self.method)
+            method_names(self.method)
         if self.pipeline_tag not in PIPELINE_TAGS:
             raise ValueError(f"pipeline_tag={self.pipeline_tag!r}: expected one of {list(PIPELINE_TAGS)}.")
         if self.model_name is not None and not (isinstance(self.model_name, str) and self.model_name.strip()):
@@ -304,7 +243,7 @@ class TrainingSummary:
         placeholder `REPO_PLACEHOLDER`, to be replaced by the repo the checkpoint is pushed to)."""
         if self.model_name is None:
             raise ValueError("A model card needs a model_name.")
-        methods = method_components(self.method) if self.method else []
+        methods = method_names(self.method) if self.method else []
         evaluation = {dataset: {m: v for m, v in metrics.items() if _is_known(v)}
                       for dataset, metrics in (self.evaluation_results or {}).items()}
         card_data = ModelCardData(
@@ -336,9 +275,9 @@ class TrainingSummary:
             dataset_description=self.dataset_description,
             method=self.method,
             method_names=methods,
-            methods=[METHODS[m] for m in methods],
+            methods=[objective_class(m).card for m in methods],
             combination=_combination_note(methods),
-            estimates_noise=bool({"nlip", "npc"} & set(methods) or self.noise_statistics),
+            estimates_noise=bool(any(objective_class(m).uses_noise_estimate for m in methods) or self.noise_statistics),
             auto_class=PIPELINE_TAGS[self.pipeline_tag],
             noise_settings=_rows(self.noise_settings),
             noise_statistics=[(NOISE_STATISTIC_LABELS.get(k, f"`{k}`"), v) for k, v in _rows(self.noise_statistics)],

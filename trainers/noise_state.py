@@ -1,7 +1,8 @@
 """The per-run noise state of `NLIPTrainer`, written into every checkpoint so that a resumed run continues exactly.
 
 It holds the per-sample loss bank, the fitted mixture (clean-probability estimator), the noise probabilities the loss
-uses, NPC's memory bank, the synthetic captions of noise completion, and where the epoch-level schedule stands. Every
+uses, the reference prior, and where the epoch-level schedule stands (the methods' own state, such as NPC's memory
+bank, is each objective's: `trainers.objectives.base`). Every
 process holds an identical copy (per-sample values are gathered across processes before they are recorded), so
 process zero alone writes it: tensors to `nlip_noise_state.safetensors`, everything else to `nlip_noise_state.json`.
 """
@@ -18,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .loss_bank import LossBank
-from .memory_bank import MemoryBank
 from .metrics import noise_detection_metrics
 from .noise_estimation import CleanProbabilityEstimator, NoiseEstimate
 from .reference_prior import ReferencePrior, combine_noise
@@ -28,10 +28,13 @@ NOISE_STATE_NAME = "nlip_noise_state"
 NOISE_STATE_TENSORS = f"{NOISE_STATE_NAME}.safetensors"
 NOISE_STATE_JSON = f"{NOISE_STATE_NAME}.json"
 # 2: adds `data_fingerprint` and the batch-time skip counts. Version 1 states still load (their data cannot be verified).
-_SCHEMA_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-_REQUIRED_METADATA = ("growable", "estimator", "prepared_epoch", "num_fits", "last_fit_epoch", "memory_epoch",
-                      "completion_epoch", "statistics", "estimate_summary", "synthetic_captions")
+# 3: NPC's memory bank and noise completion's captions move to their objectives' files; states of versions 1-2 still
+# load, and their methods' part is handed to the objectives (`legacy_objective_state`).
+_SCHEMA_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+_REQUIRED_METADATA = ("growable", "estimator", "prepared_epoch", "num_fits", "last_fit_epoch", "statistics",
+                      "estimate_summary")
+_LEGACY_METADATA = ("memory_epoch", "completion_epoch", "synthetic_captions")
 
 
 class NoiseStateError(ValueError):
@@ -50,19 +53,17 @@ class NoiseState:
     Attributes:
         loss_bank: latest per-sample plain InfoNCE loss `CE_i`.
         estimator: the 2-component GMM over the loss bank (`CleanProbabilityEstimator`).
-        memory_bank: NPC's clean memory bank (None until built).
-        synthetic_captions: noise completion's caption per index (None until generated; an entry is None for an index
-            without an image).
-        prepared_epoch: the last epoch whose epoch-start actions (pass, fit, memory bank, completion) ran; a run resumed
-            in the middle of that epoch does not repeat them.
-        num_fits: how many times the mixture was fit; `last_fit_epoch`, `memory_epoch`, `completion_epoch`: the epochs
-            of the latest fit / memory-bank build / caption refresh (None before the first).
+        prepared_epoch: the last epoch whose epoch-start actions (pass, fit, the objectives' epoch work) ran; a run
+            resumed in the middle of that epoch does not repeat them.
+        num_fits: how many times the mixture was fit; `last_fit_epoch`: the epoch of the latest fit (None before).
         statistics: the latest logged noise statistics (mean noise probability, estimated noisy fraction, ROC-AUC...).
         data_fingerprint: what the training data was (`trainers.fingerprint.data_fingerprint`: size and a hash of the
             index -> key map), checked when a checkpoint is resumed; None when unknown (states of schema version 1).
         batch_skips: per process, what its batches skipped so far: `{"skipped_pairs": SkipReport.to_dict(),
             "empty_batches": batches with no valid pair, "epoch": e, "empty_in_epoch": those of epoch e}` (a resumed
             run skips `empty_in_epoch` more batches on top of the Trainer's own batch skipping, to stay exact).
+        legacy_objective_state: after loading a state of schema 1-2, its methods' part (`{"tensors": NPC's memory
+            bank, "metadata": memory_epoch, completion_epoch, synthetic_captions}`) for the objectives; else None.
     """
 
     def __init__(
@@ -79,19 +80,16 @@ class NoiseState:
             max_fit_samples=max_fit_samples, max_noisy_fraction=max_noisy_fraction, seed=seed
         )
         self._noise_prob = torch.zeros(num_samples, dtype=torch.float32)
-        self.memory_bank: MemoryBank | None = None
-        self.synthetic_captions: list[str | None] | None = None
         self.prepared_epoch = -1
         self.num_fits = 0
         self.last_fit_epoch: int | None = None
-        self.memory_epoch: int | None = None
-        self.completion_epoch: int | None = None
         self.statistics: dict[str, float] = {}
         self.estimate_summary: dict[str, Any] = {}
         self.data_fingerprint: dict[str, Any] | None = None
         self.batch_skips: list[dict[str, Any]] = []
         self.reference_prior: ReferencePrior | None = None
         self.prior_weight = 1.0
+        self.legacy_objective_state: dict[str, Any] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -180,8 +178,6 @@ class NoiseState:
         """`(tensors, metadata)`: safetensors-compatible tensors and JSON-serialisable values."""
         tensors = {f"loss_bank.{name}": value for name, value in self.loss_bank.state_dict().items()}
         tensors["noise_prob"] = self.noise_prob.clone()
-        if self.memory_bank is not None:
-            tensors.update({f"memory_bank.{name}": value for name, value in self.memory_bank.state_dict().items()})
         prior = None
         if self.reference_prior is not None:
             prior_state = self.reference_prior.state_dict()
@@ -195,11 +191,8 @@ class NoiseState:
             "prepared_epoch": self.prepared_epoch,
             "num_fits": self.num_fits,
             "last_fit_epoch": self.last_fit_epoch,
-            "memory_epoch": self.memory_epoch,
-            "completion_epoch": self.completion_epoch,
             "statistics": self.statistics,
             "estimate_summary": self.estimate_summary,
-            "synthetic_captions": self.synthetic_captions,
             "data_fingerprint": self.data_fingerprint,
             "batch_skips": self.batch_skips,
             "reference_prior": prior,
@@ -242,11 +235,7 @@ class NoiseState:
                 f"{where}: holds {size} per-sample entries but the training data has {expected_num_samples} indices "
                 f"({'fewer' if expected_num_samples < size else 'more'} pairs than the checkpoint was trained on)."
             )
-        memory = {k[len("memory_bank.") :]: v for k, v in tensors.items() if k.startswith("memory_bank.")}
         try:
-            memory_bank = MemoryBank.from_state_dict(memory) if memory else None
-            if memory_bank is not None and memory_bank.image_neighbors.shape[0] != size:
-                raise ValueError(f"memory bank neighbours for {memory_bank.image_neighbors.shape[0]} samples, not {size}")
             loss_bank = LossBank(0, growable=metadata["growable"])
             loss_bank.load_state_dict({k[len("loss_bank.") :]: v for k, v in tensors.items() if k.startswith("loss_bank.")})
             estimator = copy.deepcopy(self.estimator)
@@ -257,16 +246,20 @@ class NoiseState:
                  **prior_metadata}, num_samples=size)
         except (ValueError, KeyError, TypeError) as error:
             raise NoiseStateError(f"{where}: {type(error).__name__}: {error}") from None
-        captions = metadata["synthetic_captions"]
-        if captions is not None and len(captions) != size:
-            raise NoiseStateError(f"{where}: {len(captions)} synthetic captions for {size} samples.")
-        self.loss_bank, self.memory_bank, self.estimator = loss_bank, memory_bank, estimator
+        legacy = None
+        if version < 3:
+            captions = metadata.get("synthetic_captions")
+            if captions is not None and len(captions) != size:
+                raise NoiseStateError(f"{where}: {len(captions)} synthetic captions for {size} samples.")
+            legacy = {"tensors": {k: v for k, v in tensors.items() if k.startswith("memory_bank.")},
+                      "metadata": {name: metadata.get(name) for name in _LEGACY_METADATA}}
+        self.loss_bank, self.estimator = loss_bank, estimator
         self._noise_prob = tensors["noise_prob"].to(torch.float32).clone()
-        for name in ("prepared_epoch", "num_fits", "last_fit_epoch", "memory_epoch", "completion_epoch"):
+        for name in ("prepared_epoch", "num_fits", "last_fit_epoch"):
             setattr(self, name, metadata[name])
         self.statistics = dict(metadata["statistics"])
         self.estimate_summary = dict(metadata["estimate_summary"])
-        self.synthetic_captions = captions
+        self.legacy_objective_state = legacy
         self.data_fingerprint = metadata.get("data_fingerprint")
         self.batch_skips = list(metadata.get("batch_skips") or [])
         self.reference_prior = prior

@@ -1,24 +1,23 @@
-"""`NLIPTrainer`: a `transformers.Trainer` that trains CLIP-contract image-text models with noise-robust losses.
+"""`NLIPTrainer`: a `transformers.Trainer` that trains CLIP-contract image-text models with noise-robust objectives.
 
-The losses are pure functions (`trainers.losses`); this file wires them to the data and to the per-run noise state:
+The trainer names no method. The methods of `args.method` are `trainers.objectives.Objective`s; every training step
 
-- every training step embeds the batch, gathers the features of all processes **with gradient** (the negatives are
-  the global batch), records each pair's plain InfoNCE loss `CE_i` into the loss bank by its dataset `index` (the
-  gathered values, so every process holds the same bank), and computes the loss of `args.method`;
-- callbacks (`trainers.callbacks`) fit the noise GMM, rebuild NPC's memory bank and refresh the synthetic captions at
-  epoch start, advance SRCL's α schedule, and log noise statistics through `self.log`;
-- the noise state is saved into every checkpoint and restored by `resume_from_checkpoint`;
-- `freeze_vision_tower` / `freeze_text_tower` lock towers LiT-style (`freeze_towers`: no gradient, eval mode), and a
-  fully locked tower of a dual encoder runs once per example: its pooled outputs are cached by dataset `index`
-  (`trainers.feature_cache`) and fed back through `vision_pooled_output` / `text_pooled_output`;
-- pushes to the Hub carry the remote-code files from the first push, and a model card written by
-  `trainers.model_card`.
+- asks the objectives for extra inputs (NLIP's synthetic captions, NPC's memory entries) and embeds them with the
+  batch in one forward, a fully locked tower's outputs coming from its feature cache (`trainers.feature_cache`);
+- gathers the batch's features over processes **with gradient** (the negatives are the global batch) and records each
+  pair's plain InfoNCE loss `CE_i` in the noise tracker by dataset `index` (every process holds the same bank);
+- combines the objectives' contributions with `trainers.losses.combine_contributions`; an `NLIPForPreTraining` adds
+  its own captioning (and reconstruction) terms (`weighted_loss`).
+
+One callback (`trainers.callbacks.TrainingScheduleCallback`) runs the epoch- and step-level work in a fixed order; the
+noise state and every objective's state are saved into each checkpoint and restored by `resume_from_checkpoint`.
+`freeze_vision_tower` / `freeze_text_tower` lock towers LiT-style; pushes to the Hub carry the remote-code files from
+the first push and a model card written by `trainers.model_card`.
 
 Gradient accumulation: the loss of a micro-batch is its mean over the (global) micro-batch and the Trainer divides it
 by the number of accumulation steps (`loss_is_scaled_for_ga = False`), so an accumulated update is the mean of the
 micro-batch losses. For a contrastive loss that is **not** the loss of one batch of `GA ×` the size: the negatives of
-a pair are the other pairs of its own micro-batch (across processes), never those of other micro-batches. NPC's sibling
-likewise takes its look-ahead step on each micro-batch.
+a pair are the other pairs of its own micro-batch (across processes), never those of other micro-batches.
 """
 
 from __future__ import annotations
@@ -47,40 +46,34 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_nlip.modeling_nlip import pool_tower_output
 
-from .callbacks import (
-    CaptionEpochCallback,
-    CompletionCallback,
-    ConceptBankCallback,
-    MemoryBankCallback,
-    NoiseEstimationCallback,
-    SRCLScheduleCallback,
-)
+from .callbacks import TrainingScheduleCallback
 from .collator import SKIPPED_KEY, ImageTextCollator
+from .context import TrainingContext, TrainSetPass
 from .data import SkipReport, dataset_rows
-from .fingerprint import data_fingerprint, describe_change
-from .completion import generate_synthetic_captions, load_captioner, load_captioner_processor
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
 from .evaluation import compute_embeddings, embedding_tensor
 from .feature_cache import FeatureCache, token_fingerprints
-from .losses import (
-    complementary_contrastive_loss,
-    contrastive_logits,
-    contrastive_loss,
-    nitc_loss,
-    npc_confidence,
-    srcl_negative_weights,
-)
-from .memory_bank import build_memory_bank
+from .fingerprint import data_fingerprint, describe_change
+from .losses import Contribution, combine_contributions, contrastive_loss
 from .model_card import TrainingSummary, describe_towers
 from .noise_state import NoiseState, read_metadata
-from .npc import NPCSibling
+from .noise_tracker import NoiseTracker
+from .objectives import (
+    SYNTHETIC_TEXTS,
+    EncodedBatch,
+    EncodedExtra,
+    ExtraPairs,
+    ExtraTexts,
+    build_objectives,
+    load_objective_state,
+    save_objective_state,
+)
 from .reference_prior import ReferencePrior
 from .training_args import NLIPTrainingArguments
 
 
 logger = logging.getLogger(__name__)
 
-NPC_SIBLING_OPTIMIZER_NAME = "nlip_npc_sibling_optimizer.pt"
 # The batch keys a CLIP-contract model's forward takes.
 _MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask")
 
@@ -93,33 +86,20 @@ class NLIPLossOutput:
         per_sample: detached plain InfoNCE `CE_i` of the global batch (what the loss bank records).
         index: dataset indices of the global batch.
         image_embeds, text_embeds: the global batch's normalised embeddings (with gradient).
-        noise_prob: `ε_i` used by NITC (None without `nlip`).
-        confidence: NPC's `w_i` (None without `npc` or before the memory bank exists).
-        memory_loss: NPC's memory-bank contrastive loss (None likewise).
+        contributions: each objective's `Contribution` by method name (NLIP's `noise_prob`, NPC's `sample_weights`
+            and memory loss, SRCL's `negative_weights`).
     """
 
     per_sample: torch.Tensor
     index: torch.Tensor
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
-    noise_prob: torch.Tensor | None = None
-    confidence: torch.Tensor | None = None
-    memory_loss: torch.Tensor | None = None
-
-
-@dataclass
-class TrainSetPass:
-    """Outputs of a no-grad pass over the training set (gathered; identical on every process)."""
-
-    index: torch.Tensor
-    losses: torch.Tensor
-    image_features: torch.Tensor | None
-    text_features: torch.Tensor | None
+    contributions: dict[str, Contribution]
 
 
 class NLIPTrainer(Trainer):
-    """`Trainer` for the NLIP model family (and any model with `CLIPModel`'s forward contract) with the losses of
-    `args.method` (`clip`, `nlip`, `npc`, `srcl` or a `+` combination; see `NLIPTrainingArguments`).
+    """`Trainer` for the NLIP model family (and any model with `CLIPModel`'s forward contract) with the objectives of
+    `args.method` (`clip`, `nlip`, `npc`, `srcl`, `rcl` or a `+` combination; see `trainers.objectives`).
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for `Trainer`.
@@ -129,6 +109,13 @@ class NLIPTrainer(Trainer):
         reference_model: SRCL's frozen reference model (default: loaded from `args.srcl_reference_model`).
         captioner: noise completion's captioner (default: loaded from `args.completion_model`, else the model itself
             when it is an `NLIPForPreTraining`, through its weight-sharing `captioner()` view).
+        skip_report: the pairs skipped while loading the data (`trainers.data` loaders' reports), for the summary.
+        prior_model: the frozen reference model of `noise_prior="reference"` (default: `args.noise_prior_model`, else
+            the model before its first step).
+
+    Attributes:
+        objectives: the run's `Objective`s by method name.
+        noise: the `NoiseTracker` (its `state` is also `noise_state`).
     """
 
     loss_is_scaled_for_ga = False
@@ -172,13 +159,8 @@ class NLIPTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        self.methods = args.methods
+        self.objectives = build_objectives(args)
         self._pretraining = hasattr(self.accelerator.unwrap_model(self.model), "captioner")
-        if self._pretraining and "npc" in self.methods:
-            raise ValueError(
-                "method 'npc' fine-tunes a dual encoder (NLIPModel); an NLIPForPreTraining would also learn captions "
-                "from the memory entries. Load the checkpoint with NLIPModel.from_pretrained for NPC."
-            )
         # A private copy of the collator for state passes and memory entries, so that the pairs they skip are not
         # counted twice in the training collator's `skip_report`.
         self._state_collator = copy.deepcopy(data_collator)
@@ -187,7 +169,8 @@ class NLIPTrainer(Trainer):
             replace(data_collator, caption_choice="first", skip_report=data_collator.skip_report)
             if isinstance(data_collator, ImageTextCollator) else data_collator
         )
-        self._row_of_index, self._is_noisy, self.noise_state = self._index_dataset(train_dataset)
+        self._row_of_index, self.noise = self._index_dataset(train_dataset)
+        self.noise_state = None if self.noise is None else self.noise.state
         # Pairs skipped while loading (given by the caller: `trainers.data` loaders' reports) and, per process, at
         # batch time (counted from the batches' `skipped_pairs`, so DataLoader workers' skips count too).
         self.load_skip_report = skip_report
@@ -196,46 +179,42 @@ class NLIPTrainer(Trainer):
         self._all_batch_skips: list[dict[str, Any]] | None = None
         self._data_fingerprint: dict[str, Any] | None = None
         self.feature_caches: dict[str, FeatureCache] = self._setup_tower_locking()
-        self.reference_model = self._setup_reference_model(reference_model)
+        self._step_metrics: dict[str, list[torch.Tensor]] = {}
+        self._pass_cache: tuple[tuple[int, int], TrainSetPass] | None = None
+        self.context = self._build_context(supplied={"reference_model": reference_model, "captioner": captioner})
+        for objective in self.objectives.values():
+            objective.setup(self.context)
+        unused = [name for name, value in self.context.supplied.items() if value is not None]
+        if unused:
+            raise ValueError(f"`{unused[0]}` is given but method {args.method!r} does not use it.")
         if self._pixels_only_feed_the_cached_tower():
             # Cached images are not decoded again (a LiT epoch after the first then costs little more than the heads).
             self.data_collator.is_image_cached = self.feature_caches["vision"].contains
         self._prior_model = prior_model
-        self.captioner = self._setup_captioner(captioner)
-        self.npc_sibling: NPCSibling | None = None
-        self._pending_sibling_state: dict | None = None
-        self.srcl_alpha = args.srcl_alpha_start
-        self._step_metrics: dict[str, list[torch.Tensor]] = {}
-        self._pass_cache: tuple[tuple[int, int], TrainSetPass] | None = None
-        self.add_callback(CaptionEpochCallback(self))
-        if self._pretraining and self.accelerator.unwrap_model(self.model).has_concept_bank:
-            self.add_callback(ConceptBankCallback(self))
-        self.add_callback(NoiseEstimationCallback(self))
-        if "npc" in self.methods:
-            self.add_callback(MemoryBankCallback(self))
-        if args.noise_completion:
-            self.add_callback(CompletionCallback(self))
-        if "srcl" in self.methods:
-            self.add_callback(SRCLScheduleCallback(self))
+        self.add_callback(
+            TrainingScheduleCallback(_DataHooks(self), self.noise, list(self.objectives.values()), self.context)
+        )
 
     # ------------------------------------------------------------------------------------------------------- setup
 
-    def _index_dataset(self, dataset) -> tuple[np.ndarray | None, torch.Tensor | None, NoiseState | None]:
-        """Row of each dataset `index`, the `is_noisy` ground truth by index, and a noise state sized to the indices."""
+    def _index_dataset(self, dataset) -> tuple[np.ndarray | None, NoiseTracker | None]:
+        """Row of each dataset `index`, and a noise tracker sized to the indices (with the `is_noisy` ground truth)."""
         if dataset is None:
-            return None, None, None
+            return None, None
         args = self.args
+        pass_features = any(objective.uses_train_set_features() for objective in self.objectives.values())
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
-            if args.noise_completion or "npc" in self.methods:
+            needs = [need for need in (o.map_style_requirement() for o in self.objectives.values()) if need]
+            if needs:
                 raise ValueError(
-                    "noise_completion and method 'npc' look examples up by index, which needs a map-style train_dataset; "
-                    "got a streaming (iterable) dataset."
+                    f"{' and '.join(needs)} look{'s' if len(needs) == 1 else ''} examples up by index, which needs a "
+                    "map-style train_dataset; got a streaming (iterable) dataset."
                 )
             state = NoiseState(
                 0, growable=True, max_fit_samples=args.gmm_max_fit_samples,
                 max_noisy_fraction=args.noise_max_noisy_fraction, seed=args.seed,
             )
-            return None, None, state
+            return None, NoiseTracker(state, None, args, pass_features=pass_features)
         columns = getattr(dataset, "column_names", None)
         if columns is None or "index" not in columns:
             raise ValueError(
@@ -260,7 +239,7 @@ class NLIPTrainer(Trainer):
             num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
             seed=args.seed,
         )
-        return row_of_index, is_noisy, state
+        return row_of_index, NoiseTracker(state, is_noisy, args, pass_features=pass_features)
 
     def _setup_tower_locking(self) -> dict[str, FeatureCache]:
         """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` (the model's `freeze_towers`) and
@@ -300,42 +279,42 @@ class NLIPTrainer(Trainer):
         return caches
 
     def _pixels_only_feed_the_cached_tower(self) -> bool:
-        """Whether the training batches' pixels go nowhere but into the cached, locked image tower: no SRCL reference
-        model, NPC sibling, captioner or state pass reads them, and the collator runs in this process (DataLoader
-        workers hold copies of the cache that never fill)."""
+        """Whether the training batches' pixels go nowhere but into the cached, locked image tower: no objective (a
+        reference model, NPC's sibling, a captioner) and no state pass reads them, and the collator runs in this
+        process (DataLoader workers hold copies of the cache that never fill)."""
         args = self.args
         return (
             "vision" in self.feature_caches
             and isinstance(self.data_collator, ImageTextCollator)
             and args.dataloader_num_workers == 0
             and not self._pretraining
-            and "npc" not in self.methods
-            and self.reference_model is None
-            and not args.noise_completion
+            and not any(objective.reads_batch_pixels() for objective in self.objectives.values())
             and args.noise_estimation_mode == "online"
         )
 
-    def _setup_reference_model(self, reference_model: nn.Module | None) -> nn.Module | None:
-        if reference_model is None and self.args.srcl_reference_model is not None:
-            reference_model = AutoModel.from_pretrained(self.args.srcl_reference_model)
-        if reference_model is None:
-            return None
-        if "srcl" not in self.methods:
-            raise ValueError(f"A reference model is only used by method 'srcl'; method is {self.args.method!r}.")
-        if self.args.srcl_alpha_start == 0 and self.args.srcl_alpha_end == 0:
-            logger.warning("An SRCL reference model is given but srcl_alpha_start = srcl_alpha_end = 0: it is unused.")
-        reference_model.requires_grad_(False).eval()
-        return reference_model.to(self.args.device)
-
-    def _setup_captioner(self, captioner: nn.Module | None) -> nn.Module | None:
-        if not self.args.noise_completion:
-            if captioner is not None:
-                raise ValueError("A captioner is given but `noise_completion` is False.")
-            return None
-        self._captioner_processor = load_captioner_processor(self.args.completion_model, self.processing_class)
-        if captioner is None:
-            captioner = load_captioner(self.args.completion_model, self.accelerator.unwrap_model(self.model))
-        return captioner.to(self.args.device)
+    def _build_context(self, supplied: dict[str, nn.Module | None]) -> TrainingContext:
+        """The `TrainingContext` the objectives are called with (services bound to this trainer)."""
+        return TrainingContext(
+            args=self.args,
+            noise=self.noise,
+            train_dataset=self.train_dataset,
+            processing_class=self.processing_class,
+            is_pretraining=self._pretraining,
+            supplied=dict(supplied),
+            device=self.args.device,
+            model=lambda: self.accelerator.unwrap_model(self.model),
+            optimizer=lambda: self.optimizer,
+            log=self.log,
+            track=self._track,
+            autocast=self.accelerator.autocast,
+            encode=self._encode,
+            embed_images=self._embed_images,
+            embed_texts=self._embed_texts,
+            collate_examples=self._collate_examples,
+            tokenize=self._tokenize_texts,
+            train_set_pass=self.train_set_pass,
+            show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+        )
 
     @property
     def _tokenizer(self):
@@ -354,147 +333,104 @@ class NLIPTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, NLIPLossOutput]:
         """The loss of `args.method` on the global batch (features gathered over processes), as a per-batch mean.
 
-        Also records each pair's detached plain InfoNCE loss `CE_i` into the loss bank (online noise estimation). An
-        `NLIPForPreTraining` computes its captioning (and image-reconstruction) terms itself and takes this contrastive
-        objective as its `contrastive_loss_fn`; its LM term is weighted by the clean probabilities `1 − ε` once
-        estimated. `num_items_in_batch` is unused: contrastive losses are normalised by the batch size.
+        Also records each pair's detached plain InfoNCE loss `CE_i` in the noise tracker (online noise estimation).
+        An `NLIPForPreTraining` adds its captioning (and image-reconstruction) terms to the objectives' contrastive
+        term (`weighted_loss`). `num_items_in_batch` is unused: contrastive losses are normalised by the batch size.
         """
         if "index" not in inputs:
             raise ValueError(
                 "NLIPTrainer batches need an 'index' (the dataset's stable per-example id); got keys "
                 f"{sorted(inputs)}. Use trainers.collator.ImageTextCollator on a dataset with an 'index' column."
             )
-        synthetic = self._synthetic_text_inputs(inputs)
+        extras: dict[str, ExtraTexts | ExtraPairs] = {}
+        for objective in self.objectives.values():
+            extras.update(objective.extra_inputs(inputs, self.context))
         if self._pretraining:
-            return self._pretraining_loss(model, inputs, synthetic, return_outputs)
-        memory = self._memory_inputs(inputs["index"])
-        texts = [(inputs["input_ids"], inputs["attention_mask"])]
-        if synthetic is not None:
-            texts.append(synthetic)
-        images = [inputs["pixel_values"]]
-        if memory is not None:
-            images.append(memory["pixel_values"])
-            texts.append((memory["input_ids"], memory["attention_mask"]))
-        image_index = [inputs["index"]] + ([memory["index"]] if memory is not None else [])
-        text_index = [inputs["index"]] + ([None] if synthetic is not None else [])
-        text_index += [memory["index"]] if memory is not None else []
-        image_parts, text_parts = self._encode(model, images, texts, image_index=image_index, text_index=text_index)
-        loss, details = self._contrastive_objective(
-            inputs,
-            image_parts[0],
-            text_parts[0],
-            self._logit_scale(model),
-            synthetic=synthetic,
-            synthetic_embeds=text_parts[1] if synthetic is not None else None,
-            memory=memory,
-            memory_embeds=(image_parts[1], text_parts[-1]) if memory is not None else None,
-            training=model.training,
-        )
+            loss, details = self._pretraining_loss(model, inputs, extras)
+        else:
+            pairs = [extra for extra in extras.values() if isinstance(extra, ExtraPairs)]
+            images = [inputs["pixel_values"]] + [extra.pixel_values for extra in pairs]
+            texts = [(inputs["input_ids"], inputs["attention_mask"])]
+            texts += [(extra.input_ids, extra.attention_mask) for extra in extras.values()]
+            image_index = [inputs["index"]] + [extra.index for extra in pairs]
+            text_index = [inputs["index"]] + [getattr(extra, "index", None) for extra in extras.values()]
+            image_parts, text_parts = self._encode(model, images, texts, image_index=image_index, text_index=text_index)
+            pair_images = iter(image_parts[1:])
+            encoded = {
+                name: EncodedExtra(extra, text_embeds, next(pair_images) if isinstance(extra, ExtraPairs) else None)
+                for (name, extra), text_embeds in zip(extras.items(), text_parts[1:])
+            }
+            loss, details = self._objective_loss(
+                inputs, image_parts[0], text_parts[0], self._logit_scale(model), encoded, training=model.training
+            )
         return (loss, details) if return_outputs else loss
 
-    def _pretraining_loss(self, model, inputs, synthetic, return_outputs):
-        """`NLIPForPreTraining`'s objective with this trainer's contrastive term (its `contrastive_loss_fn`)."""
-        captured: dict[str, NLIPLossOutput] = {}
-
-        def contrastive_loss_fn(image_embeds, text_embeds, logit_scale, synthetic_text_embeds=None, **unused):
-            loss, captured["details"] = self._contrastive_objective(
-                inputs, image_embeds, text_embeds, logit_scale, synthetic=synthetic,
-                synthetic_embeds=synthetic_text_embeds, training=model.training,
-            )
-            return loss
-
-        extra: dict[str, torch.Tensor] = {}
+    def _pretraining_loss(self, model, inputs, extras) -> tuple[torch.Tensor, NLIPLossOutput]:
+        """`NLIPForPreTraining`'s captioning (and reconstruction) terms, weighted by the objectives' caption weights,
+        plus the objectives' contrastive term (the model's `weighted_loss`). The model embeds synthetic captions
+        itself; other extra inputs are not supported."""
+        synthetic = extras.pop(SYNTHETIC_TEXTS, None)
+        if extras:
+            raise ValueError(f"An NLIPForPreTraining embeds no extra inputs but synthetic captions; got {sorted(extras)}.")
+        kwargs: dict[str, torch.Tensor] = {}
         if synthetic is not None:
-            extra["synthetic_input_ids"], extra["synthetic_attention_mask"] = synthetic
-        if "nlip" in self.methods and self.noise_state.is_estimated:
-            extra["lm_sample_weights"] = 1.0 - self.noise_state.noise_prob_of(inputs["index"])
+            kwargs.update(synthetic_input_ids=synthetic.input_ids, synthetic_attention_mask=synthetic.attention_mask)
+        weights = [w for w in (o.caption_weights(inputs, self.context) for o in self.objectives.values()) if w is not None]
+        if weights:
+            kwargs["lm_sample_weights"] = math.prod(weights[1:], start=weights[0])
         outputs = model(
             input_ids=inputs["input_ids"],
             pixel_values=inputs["pixel_values"],
             attention_mask=inputs["attention_mask"],
-            contrastive_loss_fn=contrastive_loss_fn,
             retrieve_concepts=True,
-            **extra,
+            return_contrastive_loss=False,
+            **kwargs,
+        )
+        encoded = {} if synthetic is None else {SYNTHETIC_TEXTS: EncodedExtra(synthetic, outputs.synthetic_text_embeds)}
+        contrastive, details = self._objective_loss(
+            inputs, outputs.image_embeds, outputs.text_embeds, self._logit_scale(model), encoded, training=model.training
         )
         for name in ("lm_loss", "ir_loss"):
             if outputs.get(name) is not None:
                 self._track(f"pretraining/{name}", outputs[name])
-        return (outputs.loss, captured["details"]) if return_outputs else outputs.loss
+        loss = self.accelerator.unwrap_model(model).weighted_loss(
+            contrastive_loss=contrastive, lm_loss=outputs.lm_loss, ir_loss=outputs.ir_loss
+        )
+        return loss, details
 
-    def _contrastive_objective(
+    def _objective_loss(
         self,
         inputs: dict[str, Any],
         local_image_embeds: torch.Tensor,
         local_text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
+        extra: dict[str, EncodedExtra],
         *,
-        synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
-        synthetic_embeds: torch.Tensor | None = None,
-        memory: dict[str, torch.Tensor] | None = None,
-        memory_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
         training: bool = True,
     ) -> tuple[torch.Tensor, NLIPLossOutput]:
-        """Gather the batch over processes, record `CE_i`, and combine the method's terms: SRCL
-        negative weights inside the softmax, NPC confidences as sample weights plus the memory loss, NITC with the
-        noise probabilities (and synthetic captions) when `nlip` is on."""
+        """Gather the batch over processes, record `CE_i`, and combine the objectives' contributions."""
         local_index = inputs["index"]
         sizes = gather_sizes(local_index.shape[0], local_index.device)
         image_embeds = all_gather_with_grad(local_image_embeds, sizes)
         text_embeds = all_gather_with_grad(local_text_embeds, sizes)
         index = gather_state(local_index, sizes)
         per_sample = contrastive_loss(image_embeds, text_embeds, logit_scale, reduction="none")
-        if training and self.args.noise_estimation_mode == "online":
-            self.noise_state.record(index, per_sample, step=self.state.global_step)
-        synthetic_embeds = all_gather_with_grad(synthetic_embeds, sizes) if synthetic_embeds is not None else None
-
-        negative_weights = synthetic_negative_weights = None
-        if "srcl" in self.methods:
-            texts = [(inputs["input_ids"], inputs["attention_mask"])] + ([synthetic] if synthetic_embeds is not None else [])
-            reference = self._reference_embeddings([inputs["pixel_values"]], texts, sizes)
-            negative_weights = self._srcl_weights(image_embeds, text_embeds, reference, 1)
-            if synthetic_embeds is not None:
-                synthetic_negative_weights = self._srcl_weights(image_embeds, synthetic_embeds, reference, 2)
-            self._track("srcl/alpha", torch.tensor(self._effective_alpha()))
-
-        confidence = memory_loss = None
-        if memory is not None:
-            confidence, memory_loss = self._npc_terms(inputs, memory, *memory_embeds, index, sizes, logit_scale)
-
-        noise_prob = None
-        if "nlip" in self.methods:
-            noise_prob = self.noise_state.noise_prob_of(index)
-            loss = nitc_loss(
-                image_embeds,
-                text_embeds,
-                logit_scale,
-                noise_prob,
-                strength=self.args.nitc_strength,
-                form=self.args.nitc_form,
-                synthetic_text_embeds=synthetic_embeds,
-                negative_weights=negative_weights,
-                synthetic_negative_weights=synthetic_negative_weights,
-                sample_weights=confidence,
-            )
-            self._track("nlip/batch_noise_prob", noise_prob.mean())
-        elif "rcl" in self.methods:
-            loss = complementary_contrastive_loss(image_embeds, text_embeds, logit_scale, sample_weights=confidence)
-        elif negative_weights is not None or confidence is not None:
-            loss = contrastive_loss(
-                image_embeds, text_embeds, logit_scale, sample_weights=confidence, negative_weights=negative_weights
-            )
-        else:
-            loss = per_sample.mean()
-        if memory_loss is not None:
-            loss = loss + memory_loss
-        return loss, NLIPLossOutput(
-            per_sample=per_sample.detach(),
-            index=index,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            noise_prob=noise_prob,
-            confidence=confidence,
-            memory_loss=memory_loss,
-        )
+        if training:
+            self.noise.record(index, per_sample, step=self.state.global_step)
+        for encoded in extra.values():
+            if isinstance(encoded.inputs, ExtraTexts):
+                encoded.gathered_text_embeds = all_gather_with_grad(encoded.text_embeds, sizes)
+        batch = EncodedBatch(inputs=inputs, sizes=sizes, index=index, image_embeds=image_embeds,
+                             text_embeds=text_embeds, logit_scale=logit_scale, per_sample=per_sample, extra=extra,
+                             training=training)
+        contributions = {name: objective.contribute(batch, self.context) for name, objective in self.objectives.items()}
+        for contribution in contributions.values():
+            for name, value in contribution.metrics.items():
+                self._track(name, value)
+        loss = combine_contributions(image_embeds, text_embeds, logit_scale, list(contributions.values()),
+                                     per_sample=per_sample)
+        return loss, NLIPLossOutput(per_sample=per_sample.detach(), index=index, image_embeds=image_embeds,
+                                    text_embeds=text_embeds, contributions=contributions)
 
     def _encode(
         self,
@@ -602,130 +538,22 @@ class NLIPTrainer(Trainer):
             self._step_metrics = {}
         super().log(logs, start_time)
 
-    # ----------------------------------------------------------------------------------------------------- SRCL
-
-    def _effective_alpha(self) -> float:
-        return self.srcl_alpha if self.reference_model is not None else 0.0
-
-    @torch.no_grad()
-    def _reference_embeddings(self, images, texts, sizes) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        """The reference model's gathered image and text embeddings of the batch (None without one or at α = 0)."""
-        if self.reference_model is None or self._effective_alpha() == 0:
-            return None
-        with self.accelerator.autocast():
-            image_embeds = self._embed_images(self.reference_model, images[0])
-            text_parts = [self._embed_texts(self.reference_model, *text) for text in texts]
-        return gather_state(image_embeds, sizes), [gather_state(part, sizes) for part in text_parts]
-
-    def _srcl_weights(self, image_embeds, text_embeds, reference, text_part: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """SRCL's `(w^v, w^t)` for the image-text similarity matrix, each direction normalised on its own."""
-        options = {"alpha": self._effective_alpha(), "temperature": self.args.srcl_weight_temperature}
-        online = contrastive_logits(image_embeds.detach().float(), text_embeds.detach().float(), 1.0)
-        ref = None
-        if reference is not None:
-            ref_images, ref_texts = reference
-            ref = contrastive_logits(ref_images.float(), ref_texts[text_part - 1].float(), 1.0)
-        weights_v = srcl_negative_weights(online, reference_similarity=ref, **options)
-        weights_t = srcl_negative_weights(online.T, reference_similarity=None if ref is None else ref.T, **options)
-        return weights_v, weights_t
-
-    # ------------------------------------------------------------------------------------------------------ NPC
-
-    def _memory_inputs(self, local_index: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The batch's memory entries (each sample's nearest clean image-side and text-side pairs, deduplicated),
-        collated like a training batch; None without NPC, outside training or before the memory bank exists."""
-        bank = self.noise_state.memory_bank if self.noise_state is not None else None
-        if "npc" not in self.methods or bank is None or not self.model.training:
-            return None
-        index = local_index.detach().cpu()
-        neighbors = torch.cat([bank.image_neighbors[index], bank.text_neighbors[index]]).unique()
-        rows = self._row_of_index[neighbors.numpy()]
+    def _collate_examples(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training examples of dataset indices `index`, collated like a training batch (by the state collator,
+        whose skips are not counted twice) and moved to the device."""
+        rows = self._row_of_index[index.detach().cpu().numpy()]
         batch = self._state_collator(dataset_rows(self.train_dataset, rows))
-        if not torch.equal(batch["index"], neighbors):
-            raise RuntimeError("NPC memory entries could not all be collated (an invalid image-text pair was skipped).")
-        return self._prepare_inputs({key: batch[key] for key in (*_MODEL_INPUTS, "index")})
+        return self._prepare_inputs({key: batch[key] for key in (*_MODEL_INPUTS, "index") if key in batch})
 
-    def _npc_terms(
-        self,
-        inputs: dict[str, torch.Tensor],
-        memory: dict[str, torch.Tensor],
-        memory_image_embeds: torch.Tensor,
-        memory_text_embeds: torch.Tensor,
-        index: torch.Tensor,
-        sizes: list[int],
-        logit_scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """NPC's confidences `w_i` of the global batch and the memory-bank loss (with gradient).
+    def _tokenize_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of `texts`, as the training collator tokenises captions."""
+        if isinstance(self.data_collator, ImageTextCollator):
+            encoded = self.data_collator.tokenize(texts)
+        else:
+            encoded = self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
 
-        The memory entries of all processes are gathered and deduplicated by index into one contrastive batch. Its
-        per-pair losses under the real model are `ℓ⁰`; the sibling then steps on the batch and its losses are `ℓ¹`.
-        """
-        memory_sizes = gather_sizes(memory["index"].shape[0], memory["index"].device)
-        unique, first = _first_occurrences(gather_state(memory["index"], memory_sizes))
-        memory_images = all_gather_with_grad(memory_image_embeds, memory_sizes)[first]
-        memory_texts = all_gather_with_grad(memory_text_embeds, memory_sizes)[first]
-        memory_per_pair = contrastive_loss(memory_images, memory_texts, logit_scale, reduction="none")
-        before = memory_per_pair.detach()
-        after = self._sibling_memory_losses(inputs, memory, sizes, memory_sizes, first)
-
-        bank = self.noise_state.memory_bank
-        cpu_index = index.detach().cpu()
-        image_side = torch.searchsorted(unique, bank.image_neighbors[cpu_index].to(unique.device))
-        text_side = torch.searchsorted(unique, bank.text_neighbors[cpu_index].to(unique.device))
-        confidence = npc_confidence(before[image_side], after[image_side], before[text_side], after[text_side])
-        memory_loss = memory_per_pair.mean()
-        self._track("npc/confidence", confidence.mean())
-        self._track("npc/memory_loss", memory_loss)
-        return confidence, memory_loss
-
-    def _sibling_memory_losses(self, inputs, memory, sizes, memory_sizes, first) -> torch.Tensor:
-        """One optimizer step of the sibling on the global batch, then its per-pair losses on the memory entries."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.npc_sibling is None:
-            self.npc_sibling = NPCSibling(unwrapped, self.optimizer, max_grad_norm=self.args.max_grad_norm)
-            if self._pending_sibling_state is not None:
-                self.npc_sibling.load_state_dict(self._pending_sibling_state)
-                self._pending_sibling_state = None
-        self.npc_sibling.sync(unwrapped, self.optimizer)
-
-        def batch_loss(sibling: nn.Module) -> torch.Tensor:
-            with self.accelerator.autocast():
-                texts = [(inputs["input_ids"], inputs["attention_mask"])]
-                images, texts = self._encode(sibling, [inputs["pixel_values"]], texts)
-            return contrastive_loss(
-                all_gather_with_grad(images[0], sizes), all_gather_with_grad(texts[0], sizes), sibling.logit_scale.exp()
-            )
-
-        self.npc_sibling.step(batch_loss)
-        sibling = self.npc_sibling.model
-        with torch.no_grad(), self.accelerator.autocast():
-            memory_images = gather_state(self._embed_images(sibling, memory["pixel_values"]), memory_sizes)[first]
-            local_texts = self._embed_texts(sibling, memory["input_ids"], memory["attention_mask"])
-            memory_texts = gather_state(local_texts, memory_sizes)[first]
-            return contrastive_loss(memory_images, memory_texts, sibling.logit_scale.exp(), reduction="none")
-
-    # ---------------------------------------------------------------------------------------- noise completion
-
-    def _synthetic_text_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Token ids of the batch's synthetic captions: the refreshed captions of the noise state, else a
-        `synthetic_text` dataset column passed through by the collator; None when there are none."""
-        if "nlip" not in self.methods or not self.model.training:
-            return None
-        captions = self.noise_state.synthetic_captions if self.noise_state is not None else None
-        if captions is not None:
-            own = inputs["index"].tolist()
-            texts = [captions[i] if i < len(captions) and captions[i] else None for i in own]
-            if any(text is None for text in texts):
-                raise RuntimeError(f"No synthetic caption for some of the dataset indices {own}.")
-            max_length = getattr(self.data_collator, "max_length", None)
-            encoded = self._tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            return (
-                encoded["input_ids"].to(inputs["input_ids"].device),
-                encoded["attention_mask"].to(inputs["input_ids"].device),
-            )
-        if self.args.noise_completion and "synthetic_input_ids" in inputs:
-            return inputs["synthetic_input_ids"], inputs["synthetic_attention_mask"]
-        return None
+    # ------------------------------------------------------------------------------------ epoch-level state work
 
     def set_caption_epoch(self, epoch: int) -> None:
         """Make the collators draw `epoch`'s random captions (`ImageTextCollator.set_epoch`)."""
@@ -741,26 +569,6 @@ class NLIPTrainer(Trainer):
         """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
         model = self.accelerator.unwrap_model(self.model)
         model.build_concept_bank(model.concept_vocabulary, self.processing_class, show_progress=False)
-
-    def refresh_synthetic_captions(self, epoch: int) -> None:
-        """Generate a synthetic caption for every training image with the captioner and store it by index."""
-        with self._forked_rng():
-            generated = generate_synthetic_captions(
-                self.captioner,
-                self.train_dataset,
-                self._captioner_processor,
-                batch_size=self.args.per_device_eval_batch_size,
-                max_new_tokens=self.args.completion_max_new_tokens,
-                autocast=self.accelerator.autocast,
-                progress=not self.args.disable_tqdm and self.is_local_process_zero(),
-            )
-        captions: list[str | None] = [None] * self.noise_state.num_samples
-        for index, caption in generated.items():
-            captions[index] = caption
-        self.noise_state.synthetic_captions = captions
-        self.noise_state.completion_epoch = epoch
-
-    # ------------------------------------------------------------------------------------ epoch-level state work
 
     @torch.no_grad()
     def train_set_pass(self, epoch: int, *, features: bool) -> TrainSetPass:
@@ -792,7 +600,7 @@ class NLIPTrainer(Trainer):
         indices, losses, images, texts = [], [], [], []
         no_progress = self.args.disable_tqdm or not self.is_local_process_zero()
         try:
-            with self._forked_rng():
+            with self.context.forked_rng():
                 for batch in tqdm(dataloader, desc=f"Noise-state pass (epoch {epoch})", disable=no_progress):
                     if "pixel_values" not in batch:  # every pair of the batch was invalid (counted by the collator)
                         continue
@@ -818,54 +626,6 @@ class NLIPTrainer(Trainer):
         )
         self._pass_cache = (key, result)
         return result
-
-    @contextlib.contextmanager
-    def _forked_rng(self) -> Iterator[None]:
-        """Run a state pass without moving the random generators the training loop (and its resume) depends on."""
-        devices = [self.args.device] if self.args.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            yield
-
-    def fit_noise_model(self, epoch: int) -> None:
-        """Refresh the loss bank (`pass` mode: an extra no-grad pass) and fit the noise GMM."""
-        if self.args.noise_estimation_mode == "pass":
-            result = self.train_set_pass(epoch, features="npc" in self.methods)
-            self.noise_state.record(result.index, result.losses, step=self.state.global_step)
-        self.noise_state.fit(epoch)
-
-    def rebuild_memory_bank(self, epoch: int) -> None:
-        """Build NPC's memory bank from features of the whole training set and the current clean probabilities."""
-        result = self.train_set_pass(epoch, features=True)
-        self._pass_cache = None
-        num_samples = self.noise_state.num_samples
-        image_features = torch.zeros(num_samples, result.image_features.shape[1])
-        text_features = torch.zeros_like(image_features)
-        present = torch.zeros(num_samples, dtype=torch.bool)
-        image_features[result.index] = result.image_features
-        text_features[result.index] = result.text_features
-        present[result.index] = True
-        clean_prob = torch.where(present, 1.0 - self.noise_state.noise_prob, torch.zeros(()))
-        try:
-            bank = build_memory_bank(
-                image_features,
-                text_features,
-                clean_prob,
-                threshold=self.args.npc_clean_threshold,
-                device=self.args.device,
-                progress_bar=not self.args.disable_tqdm and self.is_local_process_zero(),
-            )
-        except ValueError as error:
-            logger.warning("NPC memory bank not rebuilt at epoch %d (keeping the previous one): %s", epoch, error)
-            return
-        self.noise_state.memory_bank = bank
-        self.noise_state.memory_epoch = epoch
-        self.log({"npc/clean_set_size": float(bank.clean_indices.numel())})
-
-    def log_noise_statistics(self, prefix: str = "") -> dict[str, float]:
-        """Log the noise statistics (mean ε, estimated noisy fraction, ROC-AUC vs `is_noisy` when known)."""
-        stats = self.noise_state.compute_statistics(self._is_noisy)
-        self.log({f"{prefix}{name}": value for name, value in stats.items()})
-        return stats
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -908,25 +668,29 @@ class NLIPTrainer(Trainer):
     # ------------------------------------------------------------------------------------- checkpoints & resume
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Save the optimizer and scheduler, and the noise state (training state as well: a resumed run restores it)
-        with the data fingerprint and every process's batch-time skips (gathered: all processes call this)."""
+        """Save the optimizer and scheduler, the noise state (training state as well: a resumed run restores it) with
+        the data fingerprint and every process's batch-time skips (gathered: all processes call this), and every
+        objective's state (`nlip_objective_<name>.*`)."""
         super()._save_optimizer_and_scheduler(output_dir)
         if self.noise_state is not None:
             self.noise_state.batch_skips = self.gather_batch_skips()
             self.noise_state.data_fingerprint = self.data_fingerprint
         if self.args.should_save and self.noise_state is not None:
             self.noise_state.save(output_dir)
-            if self.npc_sibling is not None:
-                torch.save(self.npc_sibling.state_dict(), os.path.join(output_dir, NPC_SIBLING_OPTIMIZER_NAME))
+            for objective in self.objectives.values():
+                save_objective_state(objective, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Restore the optimizer and scheduler, the noise state and NPC's sibling optimizer from `checkpoint`."""
+        """Restore the optimizer and scheduler, the noise state and the objectives' states from `checkpoint` (a
+        checkpoint of noise-state schema 1-2 hands its methods' part to the objectives)."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.noise_state is None:
             return
+        legacy = None
         if NoiseState.exists(checkpoint):
             expected = None if self.noise_state.loss_bank.growable else self.noise_state.num_samples
             self.noise_state.load(checkpoint, expected_num_samples=expected)
+            legacy = self.noise_state.legacy_objective_state
             self._restore_batch_skips(self.noise_state.batch_skips)
             if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None:
                 if self._prior_model is None and self.args.noise_prior_model is None:
@@ -937,10 +701,8 @@ class NLIPTrainer(Trainer):
                 self.score_reference_prior()
         else:
             logger.warning("Checkpoint %s has no noise state; noise estimation starts afresh.", checkpoint)
-        sibling_path = os.path.join(checkpoint, NPC_SIBLING_OPTIMIZER_NAME)
-        if os.path.isfile(sibling_path):
-            self._pending_sibling_state = torch.load(sibling_path, map_location="cpu", weights_only=True)
-            self.npc_sibling = None
+        for objective in self.objectives.values():
+            load_objective_state(objective, checkpoint, legacy)
 
     def score_reference_prior(self) -> ReferencePrior:
         """Score every training pair once with the frozen reference model (`prior_model`, else `noise_prior_model`,
@@ -1020,8 +782,8 @@ class NLIPTrainer(Trainer):
         warmup = args.noise_warmup_epochs
         if warmup == 0 or self.noise_state is None:
             return
-        effect = ("method " + repr(args.method) + " then trains as plain 'clip'") if {"nlip", "npc"} & self.methods \
-            else "no noise statistics are logged"
+        uses_estimate = any(objective.uses_noise_estimate for objective in self.objectives.values())
+        effect = f"method {args.method!r} then trains as plain 'clip'" if uses_estimate else "no noise statistics are logged"
         if not isinstance(self.train_dataset, datasets.Dataset):
             logger.warning(
                 "Streaming data: an epoch is one full pass over the shards, and noise estimation starts after "
@@ -1204,24 +966,11 @@ class NLIPTrainer(Trainer):
                 noise_prior_weight=args.noise_prior_weight,
                 reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
             )
-        if "nlip" in self.methods:
-            settings.update(
-                nitc_strength=args.nitc_strength, nitc_form=args.nitc_form, noise_completion=args.noise_completion
-            )
-        if "srcl" in self.methods:
-            settings.update(
-                srcl_reference_model=args.srcl_reference_model,
-                srcl_alpha_start=args.srcl_alpha_start,
-                srcl_alpha_end=args.srcl_alpha_end,
-                srcl_weight_temperature=args.srcl_weight_temperature,
-            )
-        if "npc" in self.methods:
-            settings.update(
-                npc_clean_threshold=args.npc_clean_threshold, npc_memory_refresh_epochs=args.npc_memory_refresh_epochs
-            )
-        if self._is_noisy is not None:
+        for objective in self.objectives.values():
+            settings.update(objective.settings())
+        if self.noise is not None and self.noise.is_noisy is not None:
             present = torch.from_numpy(self._row_of_index >= 0)
-            settings["injected_noisy_fraction"] = float(self._is_noisy[present].float().mean())
+            settings["injected_noisy_fraction"] = float(self.noise.is_noisy[present].float().mean())
         statistics = None
         if self.noise_state is not None and self.noise_state.statistics:
             renamed = {"mean_noise_prob": "mean_noise_probability"}
@@ -1273,12 +1022,26 @@ class NLIPTrainer(Trainer):
         )
 
 
-def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique values and, for each, the position of its first occurrence in `values`."""
-    unique, inverse = torch.unique(values, return_inverse=True)
-    positions = torch.arange(values.shape[0], device=values.device)
-    first = torch.full((unique.shape[0],), values.shape[0], dtype=torch.long, device=values.device)
-    return unique, first.scatter_reduce(0, inverse, positions, reduce="amin")
+class _DataHooks:
+    """The trainer's own epoch work, run first by `TrainingScheduleCallback`: the collators learn the epoch (a
+    multi-caption example's random caption depends on `(seed, epoch, index)`, so a resumed run draws the captions the
+    uninterrupted run drew), and a pre-training model's concept bank is re-embedded with the current text tower at the
+    start of every epoch not yet prepared (a run resumed mid-epoch keeps the checkpoint's bank, part of its weights)
+    and at the end of training."""
+
+    def __init__(self, trainer: NLIPTrainer):
+        self._trainer = trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self._concept_bank = trainer._pretraining and model.has_concept_bank
+
+    def on_epoch_begin(self, epoch: int, prepared: bool) -> None:
+        self._trainer.set_caption_epoch(epoch)
+        if self._concept_bank and not prepared:
+            self._trainer.refresh_concept_bank()
+
+    def on_train_end(self) -> None:
+        if self._concept_bank:
+            self._trainer.refresh_concept_bank()
 
 
 class _CountedBatches:

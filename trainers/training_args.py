@@ -10,42 +10,11 @@ from transformers import TrainingArguments
 
 from .feature_cache import CACHE_MODES
 from .losses import DEFAULT_SRCL_TEMPERATURE, NITC_FORMS
+from .objectives import parse_method
 
 
-METHOD_COMPONENTS = ("nlip", "npc", "srcl", "rcl")
-VALID_METHODS_HELP = (
-    "'clip', or one or more of 'nlip', 'npc', 'srcl' joined with '+' (e.g. 'nlip+srcl', 'npc+nlip'), or 'rcl' alone "
-    "or as 'rcl+npc'"
-)
-# The complementary loss replaces the contrastive loss: it composes with per-sample weights only.
-RCL_COMBINES_WITH = frozenset({"rcl", "npc"})
 NOISE_ESTIMATION_MODES = ("online", "pass")
 NOISE_PRIORS = ("none", "reference")
-
-
-def parse_method(method: str) -> frozenset[str]:
-    """The set of method components of a `method` string: empty for `clip`, e.g. `{"nlip", "srcl"}` for `nlip+srcl`."""
-    if not isinstance(method, str) or not method.strip():
-        raise ValueError(f"`method` must be {VALID_METHODS_HELP}; got {method!r}.")
-    names = [name.strip().lower() for name in method.split("+")]
-    if names == ["clip"]:
-        return frozenset()
-    unknown = [name for name in names if name not in METHOD_COMPONENTS]
-    if "clip" in names:
-        raise ValueError(
-            f"`method`={method!r}: 'clip' is the plain contrastive loss and cannot be combined; valid methods are "
-            f"{VALID_METHODS_HELP}."
-        )
-    if unknown:
-        raise ValueError(f"`method`={method!r} has unknown name(s) {unknown}; valid methods are {VALID_METHODS_HELP}.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"`method`={method!r} names a method twice.")
-    if "rcl" in names and not set(names) <= RCL_COMBINES_WITH:
-        raise ValueError(
-            f"`method`={method!r}: 'rcl' replaces the contrastive loss with the complementary one, so it combines only "
-            "with 'npc' (per-sample confidences); 'nlip' and 'srcl' reshape the InfoNCE loss it does not have."
-        )
-    return frozenset(names)
 
 
 @dataclass
