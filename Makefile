@@ -50,7 +50,7 @@ data:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA); fi
 
 demo: setup data
-	$(PY) scripts/demo.py
+	$(PY) nlip_cli/demo.py
 
 test: setup data
 	$(PY) -m pytest -q

@@ -60,8 +60,8 @@ class EpochTimer(TrainerCallback):
 
 
 def pretrained_setup(pairs: int):
-    from scripts.model_arguments import ModelArguments, build_preset_model
-    from trainers.real_datasets import load_tuxpaint_stamps
+    from trainers.models import ModelArguments, build_preset_model
+    from trainers.data.real_datasets import load_tuxpaint_stamps
 
     data = load_tuxpaint_stamps(max_samples_per_split={"train": pairs, "test": 0})["train"]
     model, processor = build_preset_model(ModelArguments(model_size="pretrained-small"), list(data["text"]))

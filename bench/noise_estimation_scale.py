@@ -22,9 +22,9 @@ import psutil
 import torch
 from sklearn.metrics import roc_auc_score
 
-from trainers.loss_bank import LossBank
-from trainers.memory_bank import build_memory_bank
-from trainers.noise_estimation import CleanProbabilityEstimator
+from trainers.noise.loss_bank import LossBank
+from trainers.noise.memory_bank import build_memory_bank
+from trainers.noise.estimation import CleanProbabilityEstimator
 
 
 def _rss() -> int:

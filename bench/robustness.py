@@ -59,14 +59,14 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, set_seed
 
-from scripts.data_arguments import DataArguments, ImageTextData, iter_captions, load_pairs
-from scripts.model_arguments import ModelArguments, ModelPreset, build_preset_model, preset_config, preset_processor
+from trainers.data.sources import DataArguments, ImageTextData, iter_captions, load_pairs
+from trainers.models import ModelArguments, ModelPreset, build_preset_model, preset_config, preset_processor
 from modeling_nlip import NLIPModel
-from trainers.collator import ImageTextCollator
-from trainers.data import column_values, non_empty_captions, to_rgb
-from trainers.evaluation import build_zero_shot_classifier, compute_image_embeddings, compute_text_embeddings
-from trainers.metrics import noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
-from trainers.noise_injection import inject_caption_noise
+from trainers.data.collator import ImageTextCollator
+from trainers.data.pairs import column_values, non_empty_captions, to_rgb
+from trainers.evaluation.embeddings import build_zero_shot_classifier, compute_image_embeddings, compute_text_embeddings
+from trainers.evaluation.metrics import noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
+from trainers.noise.injection import inject_caption_noise
 from trainers.trainer import NLIPTrainer
 from trainers.training_args import NLIPTrainingArguments, parse_method
 
@@ -89,7 +89,7 @@ TARGET_ROC_AUC = 0.95
 class Setting:
     """What one benchmark setting trains and on which data; every method and seed runs with exactly these values."""
 
-    dataset: str  # a `scripts.data_arguments.REAL_DATASETS` name
+    dataset: str  # a `trainers.data.sources.REAL_DATASETS` name
     headline: tuple[str, str]  # (section, key) of the evaluation: ("retrieval", "rsum") or ("zero_shot", "top1")
     noise_ratios: tuple[float, ...]
     hard_noise_ratios: tuple[float, ...]  # ratios of the hard-swap noise (empty: the dataset has no categories)

@@ -46,7 +46,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration, CLIPConfig, C
 from modeling_nlip import NLIPConfig, NLIPModel
 from modeling_nlip.modeling_nlip_captioning import NLIPForCaptioning
 from trainers.losses import contrastive_loss
-from trainers.memory_bank import MemoryBank
+from trainers.noise.memory_bank import MemoryBank
 from trainers.trainer import NLIPTrainer
 from trainers.training_args import NLIPTrainingArguments
 

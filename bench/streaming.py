@@ -1,7 +1,7 @@
 """Streaming webdataset throughput and time to first batch (not a test).
 
 Writes img2dataset-style shards (`KEY.jpg` + `KEY.txt`; 256 x 256 JPEGs of about 11 KB, from a pool of 64 distinct
-images) into a temporary folder, then measures through `trainers.data.load_webdataset_pairs(streaming=True)` and a
+images) into a temporary folder, then measures through `trainers.data.pairs.load_webdataset_pairs(streaming=True)` and a
 `DataLoader` with `ImageTextCollator` (JPEG decode, resize and crop to 224 px, CLIP normalisation, tokenisation):
 
 - **throughput**: pairs/s over `--pairs` pairs (in shards of `--throughput-shard-samples`), from local files and from
@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from datasets.distributed import split_dataset_by_node  # noqa: E402
 
 from tiny import tiny_tokenizer  # noqa: E402
-from trainers.collator import ImageTextCollator  # noqa: E402
-from trainers.data import load_webdataset_pairs  # noqa: E402
-from trainers.shards import iter_shard_samples, shard_count  # noqa: E402
+from trainers.data.collator import ImageTextCollator  # noqa: E402
+from trainers.data.pairs import load_webdataset_pairs  # noqa: E402
+from trainers.data.shards import iter_shard_samples, shard_count  # noqa: E402
 
 IMAGE_SIZE, POOL = 256, 64
 

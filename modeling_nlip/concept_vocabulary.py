@@ -4,7 +4,7 @@
 Source: the 80 COCO object categories (Lin et al., 2014; names as in the COCO 2017 annotations), followed by common
 category names from the Open Images V7 boxable classes and the LVIS "frequent" categories (clothing, food, animals,
 household objects, vehicles, scenes), lower-cased, de-duplicated and with synonyms folded. Users with a specific domain
-should mine their own vocabulary from their captions (`trainers.concept_mining.mine_concepts`).
+should mine their own vocabulary from their captions (`trainers.models.mine_concepts`, or `nlip-train --concept_vocabulary mined`).
 """
 
 COCO_CONCEPTS = (

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 
 
-PROJECT_LOGGERS = ("nlip", "trainers", "scripts")
+PROJECT_LOGGERS = ("nlip", "trainers", "nlip_cli")
 
 
 @pytest.fixture(autouse=True)

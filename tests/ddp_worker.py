@@ -89,4 +89,4 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # as scripts/train.py: no gloo threads left at interpreter exit
+        torch.distributed.destroy_process_group()  # as nlip_cli/train.py: no gloo threads left at interpreter exit

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from modeling_nlip import NLIPForCaptioning, NLIPModel
-from scripts import audit
+from nlip_cli import audit
 from tiny import tiny_decoder_config, tiny_nlip_config, tiny_processor
 
 FORMULA_CAPTIONS = ["=HYPERLINK(\"http://x\")", "+1+2", "-3 dogs", "@SUM(A1)", "\tcat", "\rcar"]
@@ -159,7 +159,7 @@ def test_skipped_pairs_are_listed_when_present(models, image_folder, tmp_path, m
     plain = _run(models, image_folder, tmp_path / "plain")
     assert "not-scored" not in _visible_text(open(plain["paths"]["html"], encoding="utf-8").read()).sections
 
-    class Report:  # what trainers.data.SkipReport.to_dict gives the summary
+    class Report:  # what trainers.data.pairs.SkipReport.to_dict gives the summary
         def to_dict(self):
             return {"undecodable image": 2, "empty caption": 1, "missing image": 0,
                     "files": ["broken/a.png", "broken/<b>.png"]}
@@ -189,8 +189,8 @@ def test_csv_safe():
 
 
 def test_every_command_has_version(capsys):
-    from scripts import caption, convert_clip_to_nlip, evaluate, push, train
-    from scripts.cli import nlip_version
+    from nlip_cli import caption, convert_clip_to_nlip, evaluate, push, train
+    from nlip_cli.cli import nlip_version
 
     for module in (train, evaluate, caption, audit, push, convert_clip_to_nlip):
         with pytest.raises(SystemExit) as exit_info:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from modeling_nlip import NLIPForPreTraining
-from scripts import audit
+from nlip_cli import audit
 from tiny import tiny_decoder_config, tiny_nlip_config, tiny_processor
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from bench_testing import load_bench_script
 
-from trainers.real_datasets import DEBIAN_SOURCES
+from trainers.data.real_datasets import DEBIAN_SOURCES
 
 
 def needs_package(name):

@@ -338,7 +338,7 @@ def test_fashion_mnist_captioner_names_the_class(one_thread):
     Captions are the dataset's ("a photo of a {class}", 4 templates); the tiny word-level tokenizer splits hyphens, so
     class 0 ("T-shirt/top") is written "top". Chance is 10 %.
     """
-    real_datasets = pytest.importorskip("trainers.real_datasets")
+    real_datasets = pytest.importorskip("trainers.data.real_datasets")
     torch.manual_seed(0)
     data = real_datasets.load_fashion_mnist(max_samples_per_split=3000)  # cached under ~/.cache/nlip/datasets
     tokenizer = tiny_tokenizer(model_max_length=12)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import audit, caption, evaluate, train
-from scripts.cli import read_args_file
-from scripts.data_arguments import DataArguments, load_pairs
-from scripts.model_arguments import load_checkpoint
-from trainers.real_datasets import DEBIAN_SOURCES, _seeded_split
+from nlip_cli import audit, caption, evaluate, train
+from nlip_cli.cli import read_args_file
+from trainers.data.sources import DataArguments, load_pairs
+from trainers.models import load_checkpoint
+from trainers.data.real_datasets import DEBIAN_SOURCES, _seeded_split
 from trainers.training_args import NLIPTrainingArguments
 
 SHAPES = ("circle", "square", "triangle")

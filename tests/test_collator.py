@@ -10,8 +10,8 @@ from tiny import tiny_image_processor, tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import CLIPProcessor
 
-from trainers.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
-from trainers.data import EMPTY_CAPTION, MISSING_IMAGE, TOO_MANY_PIXELS, UNDECODABLE_IMAGE, InvalidPairError
+from trainers.data.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
+from trainers.data.pairs import EMPTY_CAPTION, MISSING_IMAGE, TOO_MANY_PIXELS, UNDECODABLE_IMAGE, InvalidPairError
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])

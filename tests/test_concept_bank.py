@@ -15,7 +15,6 @@ from modeling_nlip import (
 )
 from modeling_nlip.concept_bank import concept_prefix_rows, left_pad
 from tiny import PAD_ID, tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
-from trainers.concept_mining import mine_concepts
 
 VOCABULARY = ["cat", "dog", "car", "tree", "ankle boot"]
 
@@ -180,31 +179,6 @@ def test_default_vocabulary():
 def test_concept_and_objective_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NLIPConfig(**kwargs)
-
-
-def test_mine_concepts_counts_captions_not_occurrences():
-    captions = ["A photo of a cat on a mat", "a cat and a dog", "the dog, the dog and a t-shirt", "2 cats",
-                "a t-shirt of a cat", "x y 42"]
-    assert mine_concepts(captions, min_count=1) == ["cat", "dog", "t-shirt", "cats", "mat"]
-    assert mine_concepts(captions) == ["cat", "dog", "t-shirt"]  # "dog" twice in one caption counts once
-    assert mine_concepts(captions, top_k=1) == ["cat"]
-    assert mine_concepts(captions, min_count=1, stop_words=["cat", "a", "of", "on", "and", "the", "photo"]) == [
-        "dog", "t-shirt", "cats", "mat"]
-    assert mine_concepts(["", "the of a"]) == []
-
-
-@pytest.mark.parametrize(
-    "captions, kwargs, error, message",
-    [
-        ("a cat", {}, TypeError, "not a single string"),
-        (["a cat", 3], {}, TypeError, "only strings"),
-        (["a cat"], {"top_k": 0}, ValueError, "`top_k` must be a positive integer"),
-        (["a cat"], {"min_count": 0}, ValueError, "`min_count` must be a positive integer"),
-    ],
-)
-def test_mine_concepts_errors(captions, kwargs, error, message):
-    with pytest.raises(error, match=message):
-        mine_concepts(captions, **kwargs)
 
 
 def test_pretraining_forward_retrieves_the_prefix_it_will_caption_with(pretraining, tokenizer):

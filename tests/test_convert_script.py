@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, CLIPConfig, CLIPModel, CLIPProcessor
 
-from scripts.convert_clip_to_nlip import main, parity_inputs
+from nlip_cli.convert_clip_to_nlip import main, parity_inputs
 from tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 
@@ -36,7 +36,7 @@ def test_convert_script_rejects_missing_checkpoint(tmp_path):
 
 
 def test_convert_help_explains_every_option():
-    out = subprocess.run([sys.executable, "-m", "scripts.convert_clip_to_nlip", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "nlip_cli.convert_clip_to_nlip", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--clip_model", "--output_dir", "--tolerance", "--skip_processor"):
         assert option in out
     assert "CLIPModel" in out and "embedding difference" in out

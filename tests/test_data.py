@@ -1,4 +1,4 @@
-"""Input paths of trainers.data: imagefolder (jsonl/csv), webdataset shards (map-style and streaming), in-memory."""
+"""Input paths of trainers.data.pairs: imagefolder (jsonl/csv), webdataset shards (map-style and streaming), in-memory."""
 
 import csv
 import io
@@ -14,8 +14,8 @@ from datasets.distributed import split_dataset_by_node
 from test_collator import tiny_processor
 from torch.utils.data import DataLoader
 
-from trainers.collator import ImageTextCollator
-from trainers.data import (
+from trainers.data.collator import ImageTextCollator
+from trainers.data.pairs import (
     EMPTY_CAPTION,
     MISSING_IMAGE,
     UNDECODABLE_IMAGE,
@@ -74,7 +74,7 @@ def jsonl_folder(tmp_path):
 
 
 def test_imagefolder_jsonl_skips_and_counts_bad_pairs(jsonl_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         dataset, report = load_imagefolder_pairs(jsonl_folder, split="train", return_report=True)
     assert len(dataset) == 4
     assert dataset["text"] == [[f"caption {i} a", f"caption {i} b"] for i in range(4)]
@@ -179,7 +179,7 @@ def test_webdataset_truncated_and_corrupt_shards(shards, caplog):
     with tarfile.open(shard) as tar:
         cut = tar.getmember("00006.png").offset_data + 10
     shard.write_bytes(shard.read_bytes()[:cut])  # the shard now ends inside the data of 00006.png
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         dataset, report = load_webdataset_pairs(shards, return_report=True)
     assert dataset["text"] == ["caption 0", "caption 1", "caption 2", "json caption 5"]
     assert "00001.tar is truncated or corrupt (ReadError: unexpected end of data): 1 complete samples read, " \
@@ -192,7 +192,7 @@ def test_webdataset_truncated_and_corrupt_shards(shards, caplog):
     assert [example[LOST_COLUMN] for example in stream if example[LOST_COLUMN]] == [1]  # a marker row counts the loss
 
     shard.write_bytes(b"not a tar header" * 64)
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         assert len(load_webdataset_pairs(shards)) == 3
     assert "00001.tar is truncated or corrupt" in caplog.text and "0 complete samples read" in caplog.text
     with pytest.raises(InvalidPairError, match=r"Webdataset shard .*00001\.tar is truncated or corrupt"):
@@ -274,7 +274,7 @@ def test_prepare_pairs_path_column_and_errors(tmp_path):
 
 def test_skip_report_logs_only_the_first_skips(caplog):
     report = SkipReport()
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         for i in range(30):
             report.add(f"file{i}.png", MISSING_IMAGE)
     assert report.skipped == 30 and len(report.examples) == 20

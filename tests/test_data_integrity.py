@@ -17,8 +17,8 @@ from datasets.distributed import split_dataset_by_node
 from shard_server import serve_directory
 from test_collator import tiny_processor
 
-from trainers.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
-from trainers.data import (
+from trainers.data.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
+from trainers.data.pairs import (
     LOST_COLUMN,
     TOO_MANY_PIXELS,
     TRUNCATED_SHARD,
@@ -28,7 +28,7 @@ from trainers.data import (
     load_imagefolder_pairs,
     load_webdataset_pairs,
 )
-from trainers.shards import expand_braces, resolve_shards, shard_count
+from trainers.data.shards import expand_braces, resolve_shards, shard_count
 
 
 def png(value: int, size: int = 8) -> bytes:
@@ -75,7 +75,7 @@ def cut_inside_header(shard, member):
 def test_shard_cut_inside_a_header_warns_with_the_count_lost(twelve, caplog):
     """Before: tarfile ends quietly at a header cut short (8 of 12 samples dropped, no warning, strict passed)."""
     cut_inside_header(twelve, "00004.png")
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         dataset, report = load_webdataset_pairs(twelve, return_report=True)
     assert dataset["key"] == [f"00000.tar/{i:05d}" for i in range(4)]
     assert "00000.tar is truncated or corrupt (cut inside a tar header): 4 complete samples read, at least 1 sample" \
@@ -89,7 +89,7 @@ def test_shard_cut_inside_a_header_warns_with_the_count_lost(twelve, caplog):
     # With img2dataset's sidecar count the exact loss is known: 8 of 12.
     (twelve.parent / "00000_stats.json").write_text(json.dumps({"count": 12, "successes": 12}))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         stream = list(load_webdataset_pairs(twelve, streaming=True))
     assert [ex["index"] for ex in stream if not ex[LOST_COLUMN]] == [0, 1, 2, 3]
     assert "8 of its 12 samples lost (sidecar count)" in caplog.text
@@ -105,14 +105,14 @@ def test_shard_cut_inside_data_and_corrupt_header(twelve, caplog):
         header = tar.getmember("00006.txt").offset
         cut = tar.getmember("00009.png").offset_data + 20
     twelve.write_bytes(data[:cut])
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         assert len(load_webdataset_pairs(twelve)) == 9
     assert "unexpected end of data" in caplog.text and "9 complete samples read" in caplog.text
     damaged = bytearray(data)
     damaged[header : header + 100] = b"\x07" * 100  # a corrupt header in the middle: the shard ends at 00006
     twelve.write_bytes(bytes(damaged))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         dataset, report = load_webdataset_pairs(twelve, return_report=True)
     # 00006.png was read whole before the damaged header of 00006.txt: the pair is kept, and found to lack a caption
     assert len(dataset) == 6 and report.reasons == {TRUNCATED_SHARD: 1, "empty caption": 1}
@@ -124,7 +124,7 @@ def test_shard_without_end_of_archive_marker(twelve, caplog):
     with tarfile.open(twelve) as tar:
         boundary = tar.getmember("00010.png").offset  # a cut at a block boundary, right before a header
     twelve.write_bytes(twelve.read_bytes()[:boundary])
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         assert len(load_webdataset_pairs(twelve)) == 10
     assert "no end-of-archive marker" in caplog.text
 
@@ -169,7 +169,7 @@ def test_stream_from_loopback_http_without_a_prescan(tmp_path, caplog):
         assert [(ex["key"], ex["index"]) for ex in stream] == local
         shard_count.cache_clear()
         second = split_dataset_by_node(stream, rank=1, world_size=2)
-        with caplog.at_level(logging.WARNING, logger="trainers.data"):
+        with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
             first_example = next(iter(second))
         assert first_example["key"] == "00001.tar/00100" and first_example["index"] == 6
         assert "No _stats.json sidecar for http://" in caplog.text
@@ -224,7 +224,7 @@ def test_invalid_json_line_is_named(tmp_path):
 
 def test_unlisted_images_are_counted(tmp_path, caplog):
     folder = folder_with(tmp_path, "metadata.jsonl", b'{"file_name": "0.png", "text": "only the first"}\n', images=3)
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
         dataset, report = load_imagefolder_pairs(folder, split="train", return_report=True)
     assert len(dataset) == 1
     assert report.reasons == {UNLISTED_IMAGE: 2}
@@ -288,7 +288,7 @@ def test_stream_from_a_plain_http_server_without_range_requests(tmp_path, caplog
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{{00000..00001}}.tar"
         shard_count.cache_clear()
-        with caplog.at_level(logging.WARNING, logger="trainers.data"):
+        with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
             second = split_dataset_by_node(load_webdataset_pairs(url, streaming=True), rank=1, world_size=2)
             assert [ex["index"] for ex in second] == [3, 4, 5]
         assert "No _stats.json sidecar for http://" in caplog.text

@@ -17,7 +17,7 @@ import modeling_nlip
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-INSTALLED_PACKAGES = ("modeling_nlip", "trainers", "scripts", "model_cards")
+INSTALLED_PACKAGES = ("modeling_nlip", "trainers", "nlip_cli")
 FIRST_PARTY = set(INSTALLED_PACKAGES)
 # Declared but imported only by other packages on the user's behalf.
 INDIRECT = {

@@ -12,7 +12,7 @@ from skimage import data as skdata
 from transformers import AutoConfig, AutoModelForImageClassification, TimmWrapperModel
 
 from modeling_nlip import NLIPModel, NLIPProcessor
-from scripts.convert_efficientnet_lite0 import (
+from nlip_cli.convert_efficientnet_lite0 import (
     NUM_TENSORS,
     convert_efficientnet_lite0,
     efficientnet_lite0_checkpoint,
@@ -128,8 +128,8 @@ def _minilm_or_skip() -> str:
 
 
 def test_pretrained_small_preset_loads_both_pretrained_towers(checkpoint, monkeypatch, cat):
-    import scripts.model_arguments as model_arguments
-    from scripts.model_arguments import MODEL_PRESETS, ModelArguments, build_preset_model
+    import trainers.models as model_arguments
+    from trainers.models import MODEL_PRESETS, ModelArguments, build_preset_model
 
     monkeypatch.setattr(model_arguments, "efficientnet_lite0_checkpoint", lambda: checkpoint)
     model, processor = build_preset_model(ModelArguments(model_size="pretrained-small"), ["a cat"])
@@ -160,12 +160,12 @@ def test_pretrained_small_preset_loads_both_pretrained_towers(checkpoint, monkey
 def test_nlip_train_lit_style_on_tux_paint_with_the_pretrained_preset(checkpoint, monkeypatch, tmp_path):
     """`nlip-train --model_size pretrained-small --freeze_vision_tower --freeze_text_tower` on real pairs, offline:
     the towers come out bit-identical, the projections trained, the checkpoint reloads with its timm tower."""
-    from trainers.real_datasets import DEBIAN_SOURCES
+    from trainers.data.real_datasets import DEBIAN_SOURCES
 
     if not os.path.exists(DEBIAN_SOURCES["tuxpaint_stamps"][1]):
         pytest.skip("Debian package tuxpaint-stamps-default not installed")
-    import scripts.model_arguments as model_arguments
-    from scripts import train
+    import trainers.models as model_arguments
+    from nlip_cli import train
 
     minilm = _minilm_or_skip()
     monkeypatch.setattr(model_arguments, "efficientnet_lite0_checkpoint", lambda: checkpoint)
@@ -194,7 +194,7 @@ def test_nlip_train_lit_style_on_tux_paint_with_the_pretrained_preset(checkpoint
 
 
 def test_command_line_converter(tmp_path, capsys):
-    from scripts.convert_efficientnet_lite0 import main
+    from nlip_cli.convert_efficientnet_lite0 import main
 
     main(["--output_dir", str(tmp_path / "out")])
     assert "Wrote the tf_efficientnet_lite0 timm-wrapper checkpoint to" in capsys.readouterr().out
@@ -206,9 +206,9 @@ def test_command_line_converter(tmp_path, capsys):
 
 def test_pretrained_small_preset_as_a_pretraining_model(checkpoint, monkeypatch, cat):
     """`--model_type pretraining`: the captioner cross-attends to the 7 x 7 EfficientNet feature map."""
-    import scripts.model_arguments as model_arguments
+    import trainers.models as model_arguments
     from modeling_nlip import NLIPForPreTraining
-    from scripts.model_arguments import ModelArguments, build_preset_model
+    from trainers.models import ModelArguments, build_preset_model
 
     _minilm_or_skip()
     monkeypatch.setattr(model_arguments, "efficientnet_lite0_checkpoint", lambda: checkpoint)

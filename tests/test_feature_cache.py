@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from tiny import BASE_WORDS
 from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
-from trainers.collator import ImageTextCollator
+from trainers.data.collator import ImageTextCollator
 from trainers.feature_cache import FeatureCache, token_fingerprints
 from trainers.trainer import NLIPTrainer
 
@@ -142,7 +142,7 @@ def test_identical_losses_and_weights_with_and_without_the_cache(tmp_path, metho
 def test_cached_images_are_not_decoded_again(tmp_path, monkeypatch):
     """With the image tower locked and cached (and nothing else reading pixels) the collator decodes each image once:
     later epochs batch zeros in its place, and training is identical to the run that decodes every epoch."""
-    import trainers.collator as collator_module
+    import trainers.data.collator as collator_module
 
     decoded = []
     real_decode = collator_module.decode_image

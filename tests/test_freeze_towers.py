@@ -174,7 +174,7 @@ def test_pretraining_model_locks_towers_without_a_cache(tmp_path, caplog):
 
 
 def test_cli_flags_reach_the_training_arguments():
-    from scripts.train import parse_args
+    from nlip_cli.train import parse_args
 
     _, _, args = parse_args([
         "--dataset", "fashion_mnist", "--model_size", "tiny", "--output_dir", "out", "--freeze_vision_tower",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.loss_bank import LossBank
+from trainers.noise.loss_bank import LossBank
 
 
 def _values(bank):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainers.memory_bank import MemoryBank, build_memory_bank
+from trainers.noise.memory_bank import MemoryBank, build_memory_bank
 
 
 def _features(num_samples=37, dim=8, seed=0):

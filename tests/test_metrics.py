@@ -11,7 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from test_collator import tiny_processor
 from transformers import CLIPConfig, CLIPModel, EvalPrediction
 
-from trainers.evaluation import (
+from trainers.evaluation.embeddings import (
     PairEmbeddings,
     build_zero_shot_classifier,
     compute_embeddings,
@@ -21,8 +21,8 @@ from trainers.evaluation import (
     evaluate_retrieval,
     evaluate_zero_shot,
 )
-from trainers.metric_modules import tokenize_caption
-from trainers.metrics import (
+from trainers.evaluation.metric_modules import tokenize_caption
+from trainers.evaluation.metrics import (
     captioning_metrics,
     noise_detection_compute_metrics,
     noise_detection_metrics,

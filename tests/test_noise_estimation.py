@@ -8,7 +8,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from trainers.noise_estimation import CleanProbabilityEstimator, NoiseEstimate
+from trainers.noise.estimation import CleanProbabilityEstimator, NoiseEstimate
 
 
 def _bimodal(num_samples=20_000, noise_rate=0.3, seed=0):
@@ -83,7 +83,7 @@ def test_non_finite_losses_are_skipped_in_fit():
 )
 def test_degenerate_inputs_fall_back_to_clean(losses, reason, caplog):
     estimator = CleanProbabilityEstimator()
-    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+    with caplog.at_level(logging.WARNING, logger="trainers.noise.estimation"):
         estimate = estimator.fit(losses)
     assert estimate.reason.startswith(reason), estimate.reason
     assert reason in caplog.text
@@ -98,7 +98,7 @@ def test_fit_failure_falls_back(monkeypatch, caplog):
 
     monkeypatch.setattr(GaussianMixture, "fit", failing_fit)
     losses, _ = _bimodal(num_samples=1_000)
-    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+    with caplog.at_level(logging.WARNING, logger="trainers.noise.estimation"):
         estimate = CleanProbabilityEstimator().fit(losses)
     assert estimate.reason == "GaussianMixture fit failed: simulated collapse"
     assert "simulated collapse" in caplog.text
@@ -181,7 +181,7 @@ def test_a_fit_that_calls_almost_every_pair_noisy_is_not_trusted(caplog):
     trusting = CleanProbabilityEstimator(max_noisy_fraction=1.0).fit(losses)
     noisy_fraction = float((trusting.clean_prob < 0.5).mean())
     assert noisy_fraction > 0.9 and trusting.reason is None
-    with caplog.at_level(logging.WARNING, logger="trainers.noise_estimation"):
+    with caplog.at_level(logging.WARNING, logger="trainers.noise.estimation"):
         guarded = CleanProbabilityEstimator().fit(losses)
     assert np.array_equal(guarded.clean_prob, np.ones(60, dtype=np.float32))
     assert guarded.reason.startswith(f"the fit calls {noisy_fraction:.1%} of the pairs noisy, more than max_noisy_fraction=0.9")

@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from trainers.noise_injection import inject_caption_noise, random_derangement, truncate_captions
+from trainers.noise.injection import inject_caption_noise, random_derangement, truncate_captions
 
 
 def pairs(n, captions=None):

@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from trainers.noise_estimation import CleanProbabilityEstimator
-from trainers.noise_plot import plot_loss_distribution
+from trainers.noise.estimation import CleanProbabilityEstimator
+from trainers.noise.plot import plot_loss_distribution
 
 
 def test_plot_with_fitted_mixture_and_ground_truth(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from modeling_nlip import NLIPModel
-from scripts.push import PushArguments, card_summary, main
+from nlip_cli.push import PushArguments, card_summary, main
 from tiny import tiny_nlip_config, tiny_processor
 from trainers.model_card import TrainingSummary
 
@@ -48,7 +48,7 @@ def test_help_explains_every_option(capsys):
     assert text.startswith("usage: nlip-push") and "nlip_training_summary.json" in text
     for field in dataclasses.fields(PushArguments):
         assert f"--{field.name}" in text and " ".join(field.metadata["help"].split()) in text
-    assert entry_points(group="console_scripts")["nlip-push"].value == "scripts.push:main"
+    assert entry_points(group="console_scripts")["nlip-push"].value == "nlip_cli.push:main"
 
 
 def test_checkpoint_errors_come_before_any_hub_call(tmp_path, checkpoint):
@@ -70,7 +70,7 @@ def test_checkpoint_errors_come_before_any_hub_call(tmp_path, checkpoint):
         main(["--checkpoint_dir", str(tmp_path), "--repo_id", "x"])
     (tmp_path / "processing_nlip.py").write_text((path / "processing_nlip.py").read_text())
     (tmp_path / "nlip_training_summary.json").write_text('{"method": "nlip+magic"}')
-    with pytest.raises(ValueError, match=r"method='nlip\+magic'"):
+    with pytest.raises(ValueError, match=r"method`='nlip\+magic' has unknown name"):
         main(["--checkpoint_dir", str(tmp_path), "--repo_id", "x"])
 
 
@@ -100,7 +100,7 @@ def test_push_to_local_hub_and_load_back(local_hub, checkpoint, tmp_path):
         f"""
         import json
         from huggingface_hub import HfApi
-        from scripts.push import main
+        from nlip_cli.push import main
         first = main(["--checkpoint_dir", {str(folder)!r}, "--repo_id", "pushed", "--private"])
         second = main(["--checkpoint_dir", {str(folder)!r}, "--repo_id", "nlip-tester/pushed", "--revision", "dev",
                        "--commit_message", "to dev"])
@@ -159,7 +159,7 @@ def _push_subprocess(checkpoint_dir, env):
     import sys
 
     env = {**env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "scripts.push", "--checkpoint_dir", str(checkpoint_dir),
+    return subprocess.run([sys.executable, "-m", "nlip_cli.push", "--checkpoint_dir", str(checkpoint_dir),
                            "--repo_id", "nlip-tester/refused"], env=env, capture_output=True, text=True, timeout=300)
 
 

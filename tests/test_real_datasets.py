@@ -9,7 +9,7 @@ import PIL.PngImagePlugin
 import pytest
 
 from trainers import real_datasets
-from trainers.real_datasets import (
+from trainers.data.real_datasets import (
     DEBIAN_SOURCES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_TEMPLATES,

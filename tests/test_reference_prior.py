@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from trainers.evaluation import PairEmbeddings
-from trainers.reference_prior import ReferencePrior, combine_noise, random_pair_cosine
+from trainers.evaluation.embeddings import PairEmbeddings
+from trainers.noise.reference_prior import ReferencePrior, combine_noise, random_pair_cosine
 
 
 def _aligned_pairs(count=400, dim=32, noise_rate=0.4, seed=0):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
-from trainers.collator import ImageTextCollator
+from trainers.data.collator import ImageTextCollator
 from trainers.losses import nitc_loss
-from trainers.noise_state import NoiseState
+from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
 
 

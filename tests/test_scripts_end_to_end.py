@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
-from scripts import audit, caption, evaluate, train
-from trainers.real_datasets import DEBIAN_SOURCES, load_fashion_mnist
+from nlip_cli import audit, caption, evaluate, train
+from trainers.data.real_datasets import DEBIAN_SOURCES, load_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,7 +55,7 @@ def captioner(workdir, local_hub):
     argv = [*DATA, "--model_size", "tiny", "--model_type", "pretraining", "--method", "nlip", "--num_train_epochs", "2",
             "--learning_rate", "3e-3", "--per_device_train_batch_size", "32", "--output_dir", str(output), *QUIET,
             "--push_to_hub", "--hub_model_id", "nlip-tester/tiny-captioner"]
-    code = f"import sys; from scripts.train import main; main({argv!r})"
+    code = f"import sys; from nlip_cli.train import main; main({argv!r})"
     env = local_hub.env(workdir / "hf_home_train")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
     run_python(code, env)
@@ -185,7 +185,7 @@ def test_push_the_trained_model(dual_model, workdir, local_hub):
     code = textwrap.dedent(f"""
         import json
         from huggingface_hub import HfApi
-        from scripts.push import main
+        from nlip_cli.push import main
         report = main(["--checkpoint_dir", {str(output)!r}, "--repo_id", "nlip-tester/tiny-nlip-fmnist"])
         readme = open(HfApi().hf_hub_download("nlip-tester/tiny-nlip-fmnist", "README.md")).read()
         print(json.dumps({{"report": report, "files": HfApi().list_repo_files("nlip-tester/tiny-nlip-fmnist"),
@@ -204,7 +204,7 @@ def test_push_the_trained_model(dual_model, workdir, local_hub):
 
 def test_noise_injection_is_reproducible_across_scripts(workdir):
     """train, evaluate and audit see the same noisy pairs for the same options (what the noise metrics rely on)."""
-    from scripts.data_arguments import DataArguments, load_pairs
+    from trainers.data.sources import DataArguments, load_pairs
 
     args = DataArguments(dataset="fashion_mnist", max_train_samples=NUM_TRAIN, max_eval_samples=NUM_EVAL, noise_ratio=NOISE)
     first, second = load_pairs(args).train, load_pairs(args).train

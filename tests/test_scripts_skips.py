@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from shard_server import serve_directory
 
-from scripts import audit, train
+from nlip_cli import audit, train
 from tiny import save_tiny_dual_checkpoint
-from trainers.data import MISSING_IMAGE, UNLISTED_IMAGE
+from trainers.data.pairs import MISSING_IMAGE, UNLISTED_IMAGE
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The README's multi-process CPU recipe, as written: `torchrun --nproc_per_node 2 -m scripts.train ... --ddp_backend
+"""The README's multi-process CPU recipe, as written: `torchrun --nproc_per_node 2 -m nlip_cli.train ... --ddp_backend
 gloo --use_cpu true`, streaming webdataset shards from a loopback HTTP server (a brace range). The run is killed with
 SIGKILL after its first checkpoint and resumed with `--resume_from_checkpoint latest`: it ends with the weights and loss
 bank of the uninterrupted run."""
@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory):
 
 def _command(checkpoint, url, output_dir, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "scripts.train", "--model_name_or_path", checkpoint,
+            "-m", "nlip_cli.train", "--model_name_or_path", checkpoint,
             "--train_shards", url + "/{00000..00003}.tar", "--streaming", "--max_steps", str(MAX_STEPS),
             "--per_device_train_batch_size", "4", "--method", "nlip", "--noise_warmup_epochs", "0",
             "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS),

@@ -18,7 +18,7 @@ from trainer_testing import (
     training_args,
 )
 from trainers.callbacks import epoch_index
-from trainers.collator import ImageTextCollator
+from trainers.data.collator import ImageTextCollator
 from trainers.losses import (
     complementary_contrastive_loss,
     contrastive_loss,
@@ -26,7 +26,7 @@ from trainers.losses import (
     npc_confidence,
     srcl_weight_pair,
 )
-from trainers.metrics import retrieval_compute_metrics
+from trainers.evaluation.metrics import retrieval_compute_metrics
 from trainers.objectives.schedule import is_due
 from trainers.trainer import NLIPTrainer
 
@@ -215,7 +215,7 @@ def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
     trainer = _trainer(tmp_path, pairs, "npc", optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
     trainer.create_optimizer()
     trainer.noise_state.noise_prob[:] = torch.tensor([0.9, 0, 0, 0, 0.9, 0, 0, 0])  # pairs 0 and 4 are noisy
-    from trainers.memory_bank import build_memory_bank
+    from trainers.noise.memory_bank import build_memory_bank
 
     with torch.no_grad():
         images, texts, _ = _embeds(trainer.model, batch)

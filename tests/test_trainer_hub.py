@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, {tests_dir!r})
 torch.set_num_threads(1)
 from trainer_testing import processor, synthetic_pairs, tiny_model, training_args
-from trainers.collator import ImageTextCollator
+from trainers.data.collator import ImageTextCollator
 from trainers.trainer import NLIPTrainer
 
 pairs = synthetic_pairs(32)

@@ -10,7 +10,7 @@ from transformers import AutoModel
 
 from modeling_nlip import NLIPModel
 from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
-from trainers.collator import ImageTextCollator
+from trainers.data.collator import ImageTextCollator
 from trainers.trainer import NLIPTrainer
 
 

@@ -91,8 +91,8 @@ def synthetic_pairs(num_pairs: int, seed: int = 0, noisy_every: int = 4) -> data
 
 def noisy_fashion_mnist(num_pairs: int = 512, ratio: float = 0.4, seed: int = 0) -> datasets.DatasetDict:
     """Fashion-MNIST subsets: `train` with `ratio` of its captions shuffled (`is_noisy` marks them), `test` clean."""
-    from trainers.noise_injection import inject_caption_noise
-    from trainers.real_datasets import load_fashion_mnist
+    from trainers.noise.injection import inject_caption_noise
+    from trainers.data.real_datasets import load_fashion_mnist
 
     data = load_fashion_mnist(max_samples_per_split=num_pairs)
     return datasets.DatasetDict({"train": inject_caption_noise(data["train"], ratio, seed=seed), "test": data["test"]})

@@ -1,9 +1,9 @@
 """nlip training recipes: noise-robust losses, noise estimation, data, metrics, and `NLIPTrainer`."""
 
-from .collator import ImageTextCollator
-from .data import SkipReport, load_imagefolder_pairs, load_webdataset_pairs, prepare_pairs
+from .data.collator import ImageTextCollator
+from .data.pairs import SkipReport, load_imagefolder_pairs, load_webdataset_pairs, prepare_pairs
 from .feature_cache import FeatureCache
-from .loss_bank import LossBank
+from .noise.loss_bank import LossBank
 from .losses import (
     Contribution,
     combine_contributions,
@@ -15,12 +15,12 @@ from .losses import (
     srcl_negative_weights,
     srcl_weight_pair,
 )
-from .memory_bank import MemoryBank, build_memory_bank
-from .metrics import captioning_metrics, noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
-from .noise_estimation import CleanProbabilityEstimator, NoiseEstimate
-from .noise_injection import inject_caption_noise, truncate_captions
-from .noise_state import NoiseState
-from .noise_tracker import NoiseTracker
+from .noise.memory_bank import MemoryBank, build_memory_bank
+from .evaluation.metrics import captioning_metrics, noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
+from .noise.estimation import CleanProbabilityEstimator, NoiseEstimate
+from .noise.injection import inject_caption_noise, truncate_captions
+from .noise.state import NoiseState
+from .noise.tracker import NoiseTracker
 from .objectives import Objective, register_objective
 from .trainer import NLIPTrainer
 from .training_args import NLIPTrainingArguments

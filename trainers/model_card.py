@@ -1,6 +1,6 @@
 # Copyright 2026 The nlip authors. Licensed under the Apache License, Version 2.0.
 """Hub model cards for NLIP checkpoints: what a training run records (`TrainingSummary`, saved as
-`nlip_training_summary.json`) rendered through `model_cards/model_card_template.md` into a `huggingface_hub.ModelCard`.
+`nlip_training_summary.json`) rendered through `trainers/model_card_template.md` into a `huggingface_hub.ModelCard`.
 
 Only what is recorded appears on the card: absent or unknown (None/NaN) values and empty sections are left out.
 """
@@ -22,7 +22,7 @@ from .objectives import method_names, objective_class
 
 
 TRAINING_SUMMARY_NAME = "nlip_training_summary.json"
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "model_card_template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card_template.md"
 PIPELINE_TAGS = {"zero-shot-image-classification": "AutoModel", "image-to-text": "AutoModelForImageTextToText"}
 # What the loading snippets show when the Hub repo is not known yet (a local training run): visibly a placeholder.
 REPO_PLACEHOLDER = "<your-username>/<repo-name>"
@@ -36,7 +36,7 @@ HEADS = {
     ),
     "NLIPForCaptioning": ("captioner", "a captioning model (image tower + concept-conditioned text decoder)"),
 }
-# Metric names of `trainers.metrics.retrieval_metrics`: reported under a retrieval task in `model-index`.
+# Metric names of `trainers.evaluation.metrics.retrieval_metrics`: reported under a retrieval task in `model-index`.
 RETRIEVAL_METRIC = re.compile(r"(i2t|t2i)_R@\d+|rsum")
 
 

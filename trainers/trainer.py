@@ -47,17 +47,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_nlip.modeling_nlip import pool_tower_output
 
 from .callbacks import TrainingScheduleCallback
-from .collator import SKIPPED_KEY, ImageTextCollator
+from .data.collator import SKIPPED_KEY, ImageTextCollator
 from .context import TrainingContext, TrainSetPass
-from .data import SkipReport, dataset_rows
+from .data.pairs import SkipReport, dataset_rows
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
-from .evaluation import compute_embeddings, embedding_tensor
+from .evaluation.embeddings import compute_embeddings, embedding_tensor
 from .feature_cache import FeatureCache, token_fingerprints
-from .fingerprint import data_fingerprint, describe_change
+from .data.fingerprint import data_fingerprint, describe_change
 from .losses import Contribution, combine_contributions, contrastive_loss
 from .model_card import TrainingSummary, describe_towers
-from .noise_state import NoiseState, read_metadata
-from .noise_tracker import NoiseTracker
+from .noise.state import NoiseState, read_metadata
+from .noise.tracker import NoiseTracker
 from .objectives import (
     SYNTHETIC_TEXTS,
     EncodedBatch,
@@ -68,7 +68,7 @@ from .objectives import (
     load_objective_state,
     save_objective_state,
 )
-from .reference_prior import ReferencePrior
+from .noise.reference_prior import ReferencePrior
 from .training_args import NLIPTrainingArguments
 
 
@@ -104,12 +104,12 @@ class NLIPTrainer(Trainer):
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for `Trainer`.
             `args` must be `NLIPTrainingArguments`. The datasets hold `image`, `text` and a unique int `index` per
-            example (`trainers.data`); an `is_noisy` column, when present, is the ground truth the logged noise-detection
+            example (`trainers.data.pairs`); an `is_noisy` column, when present, is the ground truth the logged noise-detection
             ROC-AUC is measured against. `data_collator` defaults to `ImageTextCollator(processing_class)`.
         reference_model: SRCL's frozen reference model (default: loaded from `args.srcl_reference_model`).
         captioner: noise completion's captioner (default: loaded from `args.completion_model`, else the model itself
             when it is an `NLIPForPreTraining`, through its weight-sharing `captioner()` view).
-        skip_report: the pairs skipped while loading the data (`trainers.data` loaders' reports), for the summary.
+        skip_report: the pairs skipped while loading the data (`trainers.data.pairs` loaders' reports), for the summary.
         prior_model: the frozen reference model of `noise_prior="reference"` (default: `args.noise_prior_model`, else
             the model before its first step).
 
@@ -171,7 +171,7 @@ class NLIPTrainer(Trainer):
         )
         self._row_of_index, self.noise = self._index_dataset(train_dataset)
         self.noise_state = None if self.noise is None else self.noise.state
-        # Pairs skipped while loading (given by the caller: `trainers.data` loaders' reports) and, per process, at
+        # Pairs skipped while loading (given by the caller: `trainers.data.pairs` loaders' reports) and, per process, at
         # batch time (counted from the batches' `skipped_pairs`, so DataLoader workers' skips count too).
         self.load_skip_report = skip_report
         self._batch_skips = {"skipped_pairs": {}, "empty_batches": 0, "epoch": 0, "empty_in_epoch": 0}
@@ -219,7 +219,7 @@ class NLIPTrainer(Trainer):
         if columns is None or "index" not in columns:
             raise ValueError(
                 "train_dataset must be a datasets.Dataset with an integer 'index' column (a stable id per example; "
-                f"see trainers.data.add_index); got columns {columns}."
+                f"see trainers.data.pairs.add_index); got columns {columns}."
             )
         indices = np.asarray(dataset.with_format("numpy")["index"], dtype=np.int64)
         if indices.size == 0:
@@ -340,7 +340,7 @@ class NLIPTrainer(Trainer):
         if "index" not in inputs:
             raise ValueError(
                 "NLIPTrainer batches need an 'index' (the dataset's stable per-example id); got keys "
-                f"{sorted(inputs)}. Use trainers.collator.ImageTextCollator on a dataset with an 'index' column."
+                f"{sorted(inputs)}. Use trainers.data.collator.ImageTextCollator on a dataset with an 'index' column."
             )
         extras: dict[str, ExtraTexts | ExtraPairs] = {}
         for objective in self.objectives.values():
@@ -654,7 +654,7 @@ class NLIPTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, Any, Any]:
         """Plain InfoNCE loss of the (local) eval batch; predictions are `(image_embeds, text_embeds)` and labels the
-        dataset `index` (the text -> image map `trainers.metrics.retrieval_compute_metrics` expects when the eval
+        dataset `index` (the text -> image map `trainers.evaluation.metrics.retrieval_compute_metrics` expects when the eval
         set's indices are 0..N-1 in order)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.accelerator.autocast():
@@ -732,7 +732,7 @@ class NLIPTrainer(Trainer):
 
     @property
     def data_fingerprint(self) -> dict[str, Any] | None:
-        """The training data's fingerprint (`trainers.fingerprint`), computed once."""
+        """The training data's fingerprint (`trainers.data.fingerprint`), computed once."""
         if self._data_fingerprint is None and self.train_dataset is not None:
             self._data_fingerprint = data_fingerprint(self.train_dataset)
         return self._data_fingerprint

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer_testing import legacy_resume_args, legacy_resume_dataset, processor, single_thread, tiny_model
-from trainers.noise_state import NoiseState
+from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
 
 

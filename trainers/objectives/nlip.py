@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..completion import generate_synthetic_captions, load_captioner, load_captioner_processor
+from .completion import generate_synthetic_captions, load_captioner, load_captioner_processor
 from ..losses import Contribution
 from .base import SYNTHETIC_TEXTS, EncodedBatch, ExtraTexts, MethodCard, Objective
 from .schedule import is_due

@@ -1,9 +1,9 @@
 """`npc`: NPC's negative pre-aware fine-tuning (Zhang et al., AAAI 2024).
 
-- **Memory bank** (`trainers.memory_bank`): every `npc_memory_refresh_epochs` once the noise is estimated, each
+- **Memory bank** (`trainers.noise.memory_bank`): every `npc_memory_refresh_epochs` once the noise is estimated, each
   training pair's nearest confidently clean pairs (clean probability above `npc_clean_threshold`), by image and by
   text, from a no-grad pass over the training set.
-- **Confidence**: each step a sibling copy of the model (`trainers.npc.NPCSibling`) takes one optimizer step on the
+- **Confidence**: each step a sibling copy of the model (`trainers.objectives.npc_sibling.NPCSibling`) takes one optimizer step on the
   batch; a pair whose step makes its memory entries' loss worse gets a low confidence
   (`trainers.losses.npc_confidence`).
 - **Loss**: the confidences weigh the pairs' positive terms, and the memory entries' mean InfoNCE (with gradient) is
@@ -25,8 +25,8 @@ from torch import nn
 
 from ..distributed import all_gather_with_grad, gather_sizes, gather_state
 from ..losses import Contribution, contrastive_loss, npc_confidence
-from ..memory_bank import MemoryBank, build_memory_bank
-from ..npc import NPCSibling
+from ..noise.memory_bank import MemoryBank, build_memory_bank
+from .npc_sibling import NPCSibling
 from .base import EncodedBatch, ExtraPairs, MethodCard, Objective
 from .schedule import is_due
 

@@ -1,1 +1,0 @@
-"""Hub model-card templates (package data), rendered by `trainers.model_card`."""
