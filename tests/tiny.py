@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
+
+
+# The tests folder and the repository root (tests live in sub-folders mirroring the source tree).
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 
 # EOS is not id 2: CLIP text towers treat eos_token_id == 2 as "legacy" and pool at argmax(input_ids).
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]

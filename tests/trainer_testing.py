@@ -10,7 +10,15 @@ import numpy as np
 import PIL.Image
 import torch
 
-from tiny import BASE_WORDS, tiny_nlip_config, tiny_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from tiny import (
+    BASE_WORDS,
+    tiny_decoder_config,
+    tiny_nlip_config,
+    tiny_processor,
+    tiny_text_config,
+    tiny_tokenizer,
+    tiny_vision_config,
+)
 
 
 # From-scratch tiny CLIP towers start with nearly identical embeddings for every input; a larger initialisation breaks
@@ -122,3 +130,40 @@ def legacy_resume_args(output_dir, **overrides):
     )
     options.update(overrides)
     return training_args(output_dir, **options)
+
+
+def tiny_pair_batch(num_pairs: int = 8) -> tuple[datasets.Dataset, dict]:
+    """`num_pairs` synthetic pairs and their whole batch, collated with each example's first caption."""
+    from trainers.data.collator import ImageTextCollator
+
+    pairs = synthetic_pairs(num_pairs)
+    return pairs, ImageTextCollator(processor(), caption_choice="first")([pairs[i] for i in range(num_pairs)])
+
+
+def method_trainer(output_dir, pairs, method: str, **overrides):
+    """An `NLIPTrainer` of `method` on `pairs` with the tiny model, batches of 8."""
+    from trainers.trainer import NLIPTrainer
+
+    args = training_args(output_dir, method=method, per_device_train_batch_size=8, **overrides)
+    return NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
+
+
+def embed_batch(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's normalised image and text embeddings of `batch`, and its scale `1/τ`."""
+    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+    return out.image_embeds, out.text_embeds, model.logit_scale.exp()
+
+
+def tiny_pretraining_model():
+    """A freshly initialised tiny `NLIPForPreTraining` (dual towers and a 2-layer caption decoder)."""
+    from modeling_nlip import NLIPForPreTraining
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_nlip_config(
+        tokenizer,
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(tokenizer),
+        decoder_config=tiny_decoder_config(tokenizer),
+    )
+    torch.manual_seed(0)
+    return NLIPForPreTraining(config)

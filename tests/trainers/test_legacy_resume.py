@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from trainer_testing import legacy_resume_args, legacy_resume_dataset, processor, single_thread, tiny_model
 from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
+from tiny import TESTS_DIR
 
 
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "legacy_checkpoint_v2")
+FIXTURE = str(TESTS_DIR / "fixtures" / "legacy_checkpoint_v2")
 
 
 @pytest.fixture(scope="module")

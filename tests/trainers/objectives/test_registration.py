@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from trainer_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.losses import Contribution, contrastive_loss, nitc_loss
 from trainers.objectives import MethodCard, Objective, method_names, register_objective
 from trainers.objectives.base import objective_state_paths
@@ -44,12 +44,6 @@ class HalfWeightObjective(Objective):
 register_objective(HalfWeightObjective)
 
 
-def _embeds(model, batch):
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
-    return out.image_embeds, out.text_embeds, model.logit_scale.exp()
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     with single_thread():
@@ -73,7 +67,8 @@ def test_a_registered_method_trains_alone_and_combined(tmp_path):
                              noise_warmup_epochs=1, logging_steps=1, nitc_form="paper")
         trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
         batch = batch or trainer._prepare_inputs(trainer.data_collator([pairs[i] for i in range(8)]))
-        images, texts, scale = _embeds(trainer.model, batch)
+        with torch.no_grad():
+            images, texts, scale = embed_batch(trainer.model, batch)
         half = torch.full((8,), 0.5)
         expected = contrastive_loss(images, texts, scale, sample_weights=half) if method == "halfweight" else \
             nitc_loss(images, texts, scale, torch.zeros(8), form="paper", sample_weights=half)

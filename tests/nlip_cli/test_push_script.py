@@ -13,7 +13,7 @@ from PIL import Image
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from modeling_nlip import NLIPModel
 from nlip_cli.push import PushArguments, card_summary, main
-from tiny import tiny_nlip_config, tiny_processor
+from tiny import REPO_ROOT, tiny_nlip_config, tiny_processor
 from trainers.model_card import TrainingSummary
 
 SUMMARY = TrainingSummary(
@@ -158,7 +158,7 @@ def _push_subprocess(checkpoint_dir, env):
     import subprocess
     import sys
 
-    env = {**env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])}
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "nlip_cli.push", "--checkpoint_dir", str(checkpoint_dir),
                            "--repo_id", "nlip-tester/refused"], env=env, capture_output=True, text=True, timeout=300)
 

@@ -1,5 +1,5 @@
-"""NLIPTrainer: end-to-end runs per method on noisy Fashion-MNIST, the loss wiring, gradient accumulation, mixed
-precision, pass-mode estimation, noise completion, logging and evaluation."""
+"""NLIPTrainer: end-to-end runs per method on noisy Fashion-MNIST, gradient accumulation, mixed precision, pass-mode
+estimation, logging and evaluation (each method's own loss wiring: `tests/trainers/objectives/`)."""
 
 import math
 
@@ -7,25 +7,21 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from modeling_nlip import NLIPForCaptioning, NLIPForPreTraining, NLIPModel
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from modeling_nlip import NLIPModel
 from trainer_testing import (
+    embed_batch,
+    method_trainer,
     noisy_fashion_mnist,
     processor,
     single_thread,
     synthetic_pairs,
     tiny_model,
+    tiny_pretraining_model,
     training_args,
 )
 from trainers.callbacks import epoch_index
 from trainers.data.collator import ImageTextCollator
-from trainers.losses import (
-    complementary_contrastive_loss,
-    contrastive_loss,
-    nitc_loss,
-    npc_confidence,
-    srcl_weight_pair,
-)
+from trainers.losses import contrastive_loss
 from trainers.evaluation.metrics import retrieval_compute_metrics
 from trainers.objectives.schedule import is_due
 from trainers.trainer import NLIPTrainer
@@ -127,128 +123,6 @@ def test_method_end_to_end(method, fashion, pretrained, tmp_path):
         assert npc.sibling is not None
 
 
-# ------------------------------------------------------------------------------------------------ loss wiring
-
-
-@pytest.fixture
-def tiny_batch():
-    pairs = synthetic_pairs(8)
-    collator = ImageTextCollator(processor(), caption_choice="first")
-    return pairs, collator([pairs[i] for i in range(len(pairs))])
-
-
-def _trainer(tmp_path, pairs, method, **overrides):
-    args = training_args(tmp_path, method=method, per_device_train_batch_size=8, **overrides)
-    return NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
-
-
-def _embeds(model, batch):
-    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
-    return out.image_embeds, out.text_embeds, model.logit_scale.exp()
-
-
-def test_compute_loss_matches_the_loss_functions(tmp_path, tiny_batch):
-    pairs, batch = tiny_batch
-    noise = torch.linspace(0.0, 0.9, 8)
-
-    trainer = _trainer(tmp_path, pairs, "clip")
-    loss, details = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    images, texts, scale = _embeds(trainer.model, batch)
-    torch.testing.assert_close(loss, contrastive_loss(images, texts, scale))
-    torch.testing.assert_close(details.per_sample, contrastive_loss(images, texts, scale, reduction="none").detach())
-    assert torch.equal(details.index, batch["index"])
-
-    trainer = _trainer(tmp_path, pairs, "nlip", nitc_strength=0.3)
-    trainer.noise_state.noise_prob[:] = noise
-    images, texts, scale = _embeds(trainer.model, batch)
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), nitc_loss(images, texts, scale, noise, strength=0.3))
-    trainer = _trainer(tmp_path, pairs, "nlip", nitc_strength=0.3, nitc_form="paper")
-    trainer.noise_state.noise_prob[:] = noise
-    images, texts, scale = _embeds(trainer.model, batch)
-    expected = nitc_loss(images, texts, scale, noise, strength=0.3, form="paper")
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
-    assert not torch.allclose(expected, nitc_loss(images, texts, scale, noise, strength=0.3))
-
-    trainer = _trainer(tmp_path, pairs, "rcl")
-    images, texts, scale = _embeds(trainer.model, batch)
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), complementary_contrastive_loss(images, texts, scale))
-
-    trainer = _trainer(tmp_path, pairs, "srcl", srcl_weight_temperature=0.05)
-    images, texts, scale = _embeds(trainer.model, batch)
-    expected = contrastive_loss(images, texts, scale, negative_weights=srcl_weight_pair(images, texts, temperature=0.05))
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
-
-
-def test_compute_loss_with_reference_model(tmp_path, tiny_batch):
-    pairs, batch = tiny_batch
-    reference = tiny_model(seed=1)
-    args = training_args(tmp_path, method="srcl", srcl_reference_model="unused-path", per_device_train_batch_size=8,
-                         max_steps=4)
-    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor(),
-                          reference_model=reference)
-    srcl = trainer.objectives["srcl"]
-    srcl.alpha = 0.7
-    images, texts, scale = _embeds(trainer.model, batch)
-    ref_images, ref_texts, _ = _embeds(reference, batch)
-    weights = srcl_weight_pair(images, texts, reference_image_embeds=ref_images, reference_text_embeds=ref_texts, alpha=0.7)
-    expected = contrastive_loss(images, texts, scale, negative_weights=weights)
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected)
-    # The schedule: α goes linearly from 1 to 0 over the 4 steps.
-    alphas = []
-
-    class Alpha(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            alphas.append(None)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            alphas[-1] = srcl.alpha
-
-    trainer.add_callback(Alpha())
-    trainer.train()
-    assert alphas == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
-
-
-def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
-    """The trainer's NPC loss is the confidence-weighted InfoNCE plus the memory entries' InfoNCE, with confidences
-    from a sibling that took one optimizer step."""
-    pairs, batch = tiny_batch
-    trainer = _trainer(tmp_path, pairs, "npc", optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
-    trainer.create_optimizer()
-    trainer.noise_state.noise_prob[:] = torch.tensor([0.9, 0, 0, 0, 0.9, 0, 0, 0])  # pairs 0 and 4 are noisy
-    from trainers.noise.memory_bank import build_memory_bank
-
-    with torch.no_grad():
-        images, texts, _ = _embeds(trainer.model, batch)
-    npc = trainer.objectives["npc"]
-    npc.memory_bank = build_memory_bank(images, texts, 1 - trainer.noise_state.noise_prob, progress_bar=False)
-    bank = npc.memory_bank
-    loss, details = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-
-    # Reference: memory entries deduplicated by index, the sibling = the model after one SGD step on the batch.
-    memory = torch.cat([bank.image_neighbors, bank.text_neighbors]).unique()
-    images, texts, scale = _embeds(trainer.model, batch)
-    memory_images, memory_texts = images[memory], texts[memory]  # memory entries are pairs of this same batch
-    before = contrastive_loss(memory_images, memory_texts, scale, reduction="none").detach()
-    sibling = tiny_model()
-    sibling.load_state_dict(trainer.model.state_dict())
-    contrastive_loss(*_embeds(sibling, batch)).backward()
-    with torch.no_grad():
-        for param in sibling.parameters():
-            param -= 0.5 * param.grad
-        sib_images, sib_texts, sib_scale = _embeds(sibling, batch)
-        after = contrastive_loss(sib_images[memory], sib_texts[memory], sib_scale, reduction="none")
-    position = {int(m): k for k, m in enumerate(memory)}
-    image_side = torch.tensor([position[int(i)] for i in bank.image_neighbors])
-    text_side = torch.tensor([position[int(i)] for i in bank.text_neighbors])
-    confidence = npc_confidence(before[image_side], after[image_side], before[text_side], after[text_side])
-    contribution = details.contributions["npc"]
-    torch.testing.assert_close(contribution.sample_weights, confidence)
-    assert (confidence < 1).any()
-    memory_loss = contrastive_loss(memory_images, memory_texts, scale)
-    torch.testing.assert_close(contribution.losses["npc/memory_loss"], memory_loss)
-    torch.testing.assert_close(loss, contrastive_loss(images, texts, scale, sample_weights=confidence) + memory_loss)
-
-
 # -------------------------------------------------------------------------------- gradient accumulation, bf16
 
 
@@ -276,9 +150,9 @@ def test_gradient_accumulation_averages_micro_batch_losses(tmp_path):
         with torch.no_grad():
             return {name: param - 0.5 * param.grad for name, param in model.named_parameters()}
 
-    micro = sgd_step(lambda m: sum(contrastive_loss(*_embeds(m, batch)) for batch in trainer.seen_batches) / 2)
+    micro = sgd_step(lambda m: sum(contrastive_loss(*embed_batch(m, batch)) for batch in trainer.seen_batches) / 2)
     big_batch = ImageTextCollator(processor())([pairs[i] for i in range(8)])  # sequential: the same 8 pairs
-    big = sgd_step(lambda m: contrastive_loss(*_embeds(m, big_batch)))
+    big = sgd_step(lambda m: contrastive_loss(*embed_batch(m, big_batch)))
     for name, param in trainer.model.named_parameters():
         torch.testing.assert_close(param, micro[name], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(trainer.model.text_projection.weight, big["text_projection.weight"], atol=1e-6)
@@ -342,71 +216,6 @@ def test_trainer_requires_nlip_arguments(tmp_path):
         NLIPTrainer(model=tiny_model(), args=training_args(tmp_path))
 
 
-# ----------------------------------------------------------------------------------------- noise completion
-
-
-def _pretraining_model():
-    tokenizer = tiny_tokenizer()
-    config = tiny_nlip_config(
-        tokenizer,
-        vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(tokenizer),
-        decoder_config=tiny_decoder_config(tokenizer),
-    )
-    torch.manual_seed(0)
-    return NLIPForPreTraining(config)
-
-
-def test_noise_completion_with_pretraining_model(tmp_path):
-    pairs = synthetic_pairs(16)
-    args = training_args(tmp_path, method="nlip", noise_completion=True, completion_max_new_tokens=4,
-                         per_device_train_batch_size=8, num_train_epochs=2, noise_warmup_epochs=1, logging_steps=1)
-    trainer = NLIPTrainer(model=_pretraining_model(), args=args, train_dataset=pairs, processing_class=processor())
-    seen_synthetic = []
-    nlip = trainer.objectives["nlip"]
-    original = nlip.extra_inputs
-
-    def spy(inputs, context):
-        result = original(inputs, context)
-        seen_synthetic.append(bool(result))
-        return result
-
-    nlip.extra_inputs = spy
-    trainer.train()
-    captions = nlip.synthetic_captions
-    assert nlip.completion_epoch == 1
-    assert len(captions) == 16 and all(isinstance(c, str) for c in captions)
-    assert seen_synthetic == [False, False, True, True]  # epoch 0: warm-up, no captions yet
-    logs = [entry for entry in trainer.state.log_history if "pretraining/lm_loss" in entry]
-    assert logs and all(math.isfinite(entry["pretraining/lm_loss"]) for entry in logs)
-
-
-def test_noise_completion_with_captioning_checkpoint(tmp_path):
-    tokenizer = tiny_tokenizer()
-    config = tiny_nlip_config(tokenizer, decoder_config=tiny_decoder_config(tokenizer))
-    torch.manual_seed(0)
-    captioner_dir = tmp_path / "captioner"
-    NLIPForCaptioning(config).save_pretrained(captioner_dir)
-    processor().save_pretrained(captioner_dir)
-    pairs = synthetic_pairs(8)
-    args = training_args(tmp_path / "run", method="nlip", noise_completion=True, completion_model=str(captioner_dir),
-                         completion_max_new_tokens=3, per_device_train_batch_size=8, num_train_epochs=1,
-                         noise_warmup_epochs=0)
-    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
-    captioner = trainer.objectives["nlip"].captioner
-    assert isinstance(captioner, NLIPForCaptioning)
-    trainer.train()
-    captions = trainer.objectives["nlip"].synthetic_captions
-    expected = captioner.caption([pairs[i]["image"] for i in range(8)], processor(), max_new_tokens=3)
-    assert captions == expected
-
-
-def test_noise_completion_needs_a_captioner(tmp_path):
-    args = training_args(tmp_path, method="nlip", noise_completion=True)
-    with pytest.raises(ValueError, match="noise_completion needs a captioner"):
-        NLIPTrainer(model=tiny_model(), args=args, train_dataset=synthetic_pairs(4), processing_class=processor())
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -460,7 +269,7 @@ def test_evaluation_scores_the_first_of_several_captions(tmp_path):
     so eval metrics do not change from one evaluation to the next."""
     pairs = synthetic_pairs(8)
     multi = pairs.map(lambda row: {"text": [row["text"], "a different caption"]})
-    trainer = _trainer(tmp_path, multi, "clip", per_device_eval_batch_size=8, seed=3)
+    trainer = method_trainer(tmp_path, multi, "clip", per_device_eval_batch_size=8, seed=3)
     tokenizer = trainer.processing_class.tokenizer
     first = tokenizer(list(pairs["text"]), padding=True, return_tensors="pt")["input_ids"]
     for _ in range(2):
@@ -477,7 +286,7 @@ def test_evaluation_scores_the_first_of_several_captions(tmp_path):
 def test_pretraining_trains_the_captioner_on_retrieved_concepts(tmp_path):
     """With a concept bank, every training step prefixes the captions with retrieved concepts, and the bank is
     re-embedded with the current text tower at each epoch start and at the end (so it matches the saved weights)."""
-    model = _pretraining_model()
+    model = tiny_pretraining_model()
     model.build_concept_bank(["photo", "red", "blue", "car"], processor(), show_progress=False)
     args = training_args(tmp_path, method="clip", per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2)
     trainer = NLIPTrainer(model=model, args=args, train_dataset=synthetic_pairs(16), processing_class=processor())

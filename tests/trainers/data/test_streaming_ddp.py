@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from shard_server import serve_directory
 
-from tiny import save_tiny_dual_checkpoint
+from tiny import REPO_ROOT, save_tiny_dual_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 NUM_SHARDS, PER_SHARD, MAX_STEPS, SAVE_STEPS = 4, 12, 6, 2
 
 

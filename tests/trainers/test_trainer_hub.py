@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
+from tiny import TESTS_DIR
 
 
 REPO = "nlip-tester/tiny-noisy-nlip"
@@ -63,7 +64,7 @@ print(json.dumps({{"model_class": type(model).__module__, "processor": type(proc
 
 @pytest.mark.slow
 def test_push_to_hub_and_load_back(local_hub, tmp_path):
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    tests_dir = str(TESTS_DIR)
     expected = str(tmp_path / "expected.pt")
     code = TRAIN_AND_PUSH.format(tests_dir=tests_dir, output_dir=str(tmp_path / "run"), repo=REPO, expected=expected)
     statistics = json.loads(run_python(code, local_hub.env(tmp_path / "home_train")).strip().splitlines()[-1])

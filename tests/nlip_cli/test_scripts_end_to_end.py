@@ -15,6 +15,7 @@ import pytest
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from nlip_cli import audit, caption, evaluate, train
 from trainers.data.real_datasets import DEBIAN_SOURCES, load_fashion_mnist
+from tiny import REPO_ROOT
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,7 +58,7 @@ def captioner(workdir, local_hub):
             "--push_to_hub", "--hub_model_id", "nlip-tester/tiny-captioner"]
     code = f"import sys; from nlip_cli.train import main; main({argv!r})"
     env = local_hub.env(workdir / "hf_home_train")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     run_python(code, env)
     return output
 
@@ -192,7 +193,7 @@ def test_push_the_trained_model(dual_model, workdir, local_hub):
                           "readme": readme}}))
     """)
     env = local_hub.env(workdir / "hf_home_push")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     result = json.loads(run_python(code, env).strip().splitlines()[-1])
     # nlip-train's generated card is re-rendered with the repo id (a hand-written README would be kept)
     assert result["report"]["model_card"] == "rendered from nlip_training_summary.json"

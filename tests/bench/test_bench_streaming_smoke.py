@@ -5,9 +5,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "streaming.py"
+from tiny import REPO_ROOT
+
+
+BENCH = REPO_ROOT / "bench" / "streaming.py"
 
 
 def test_streaming_benchmark_smoke(tmp_path):
