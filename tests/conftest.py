@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+# The repository root as well, wherever pytest runs from: its packages must win over the tests' folders that mirror
+# them (tests/trainers, tests/modeling_nlip, ...; namespace folders lose to a regular package found anywhere on the path).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import logging  # noqa: E402

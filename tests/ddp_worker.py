@@ -17,6 +17,8 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository root too: its packages must win over the tests' mirror folders of the same names (tests/trainers).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_testing import processor, synthetic_pairs, tiny_model, training_args  # noqa: E402
 

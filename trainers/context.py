@@ -42,8 +42,9 @@ class TrainingContext:
         optimizer: the training optimizer, when called (None before training creates it).
         log: `log(dict)` writes a training log entry now; `track(name, value)` averages a value into the next log.
         autocast: the mixed-precision context of training.
-        encode: `encode(model, images, texts)` — normalised embeddings of image and text batches in one forward
-            (lists of tensors / `(input_ids, attention_mask)` pairs).
+        encode: `encode(model, images, texts, image_index=None, text_index=None)` — normalised embeddings of image
+            and text batches in one forward (lists of tensors / `(input_ids, attention_mask)` pairs); with the parts'
+            dataset indices a locked tower's outputs come from the feature cache.
         embed_images / embed_texts: no-grad friendly `get_image_features` / `get_text_features`, normalised.
         collate_examples: `collate_examples(index)` — the training examples of dataset indices, collated like a
             training batch and moved to the device.

@@ -76,7 +76,8 @@ class NLIPTrainingArguments(TrainingArguments):
             "scores every training pair once: c_i = cos(v_i, t_i) − mean cosine of random pairs, and a 2-component "
             "mixture over c gives a clean probability p_i (0 where c_i <= 0). 1 − p_i is the noise probability ε "
             "from the first step on (NLIP's weights, NPC's clean memory bank), mixed with the loss-based estimate by "
-            "--noise_prior_weight; saved in checkpoints. 'none': loss-based estimate only."
+            "--noise_prior_weight; the reference's embeddings give SRCL its reference similarity (without "
+            "--srcl_reference_model). Saved in checkpoints. 'none': loss-based estimate only."
         },
     )
     noise_prior_model: str | None = field(
@@ -109,7 +110,8 @@ class NLIPTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "SRCL mixing weight α of the reference similarity at the start of training (linear schedule to "
-            "--srcl_alpha_end). Default: 1.0 with a reference model, 0.0 without (a value > 0 then is an error)."
+            "--srcl_alpha_end). Default: 1.0 with a reference (--srcl_reference_model, else the stored embeddings of "
+            "--noise_prior reference), 0.0 without (a value > 0 then is an error)."
         },
     )
     srcl_alpha_end: float = field(
@@ -266,11 +268,12 @@ class NLIPTrainingArguments(TrainingArguments):
             self.feature_cache_dir = os.path.join(self.output_dir, "feature_cache")
 
     def _check_srcl(self, methods: frozenset[str]) -> None:
-        has_reference = self.srcl_reference_model is not None
-        if has_reference and "srcl" not in methods:
+        if self.srcl_reference_model is not None and "srcl" not in methods:
             raise ValueError(
                 f"`srcl_reference_model` is only used by method 'srcl'; add it to `method` (got {self.method!r})."
             )
+        # SRCL's reference: a reference model, else the reference prior's stored embeddings.
+        has_reference = self.srcl_reference_model is not None or self.noise_prior == "reference"
         if self.srcl_alpha_start is None:
             self.srcl_alpha_start = 1.0 if has_reference else 0.0
         for name in ("srcl_alpha_start", "srcl_alpha_end"):
@@ -279,8 +282,8 @@ class NLIPTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be in [0, 1]; got {value}.")
             if value > 0 and not has_reference:
                 raise ValueError(
-                    f"`{name}`={value} mixes in a reference model's similarities, but `srcl_reference_model` is None; "
-                    "set srcl_reference_model or use α = 0."
+                    f"`{name}`={value} mixes in a reference model's similarities, but `srcl_reference_model` is None "
+                    "and there is no reference prior; set srcl_reference_model or noise_prior='reference', or use α = 0."
                 )
 
     @property

@@ -11,7 +11,9 @@ low-"loss" component of the same two-component mixture the loss-based estimate u
 fitted on `−c_i`, and is 0 wherever `c_i ≤ 0`. Choices, documented: OSA's released code weighs each pair by a
 polynomial of its debiased logit normalised by the batch maximum, which gives the most similar pair of every batch
 weight 0; we use a global, monotone posterior instead. The scores are computed once (one no-grad pass over the data),
-kept by dataset index and saved with the noise state, so training steps pay nothing for them.
+kept by dataset index and saved with the noise state, so training steps pay nothing for them. The reference's
+normalised embeddings are kept too, so that SRCL can use the reference's similarity matrix of any batch
+(`similarity`) without running the reference model during training.
 """
 
 from __future__ import annotations
@@ -53,12 +55,16 @@ class ReferencePrior:
         random_pair_cosine: β.
         clean_prob: `[num_samples]` float32 `p_i` (1 for an unscored index: no evidence).
         reason: why `clean_prob` is all ones (a degenerate score distribution), else None.
+        image_embeds, text_embeds: `[num_samples, D]` float32 normalised reference embeddings (zeros for an unscored
+            index); None in a prior saved before they were kept.
     """
 
     score: torch.Tensor
     random_pair_cosine: float
     clean_prob: torch.Tensor
     reason: str | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
 
     @classmethod
     def from_embeddings(
@@ -77,7 +83,19 @@ class ReferencePrior:
         estimate = estimator.fit(-score.double().numpy())
         clean_prob = torch.from_numpy(estimate.clean_prob.copy())
         clean_prob[score <= 0] = 0.0  # no more similar than a random pair: not a clean pair
-        return cls(score=score, random_pair_cosine=beta, clean_prob=clean_prob, reason=estimate.reason)
+        image_table = torch.zeros(num_samples, image.shape[1], dtype=torch.float32)
+        text_table = torch.zeros(num_samples, text.shape[1], dtype=torch.float32)
+        image_table[index], text_table[index] = image.float(), text.float()
+        return cls(score=score, random_pair_cosine=beta, clean_prob=clean_prob, reason=estimate.reason,
+                   image_embeds=image_table, text_embeds=text_table)
+
+    def similarity(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference's normalised image and text embeddings of dataset indices `index` (on `index`'s device),
+        whose product is the reference's cosine-similarity matrix of that batch; None without stored embeddings."""
+        if self.image_embeds is None or self.text_embeds is None:
+            return None
+        rows = index.detach().cpu().long()
+        return self.image_embeds[rows].to(index.device), self.text_embeds[rows].to(index.device)
 
     @property
     def noise_prob(self) -> torch.Tensor:
@@ -96,12 +114,15 @@ class ReferencePrior:
         }
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "score": self.score.clone(),
             "random_pair_cosine": self.random_pair_cosine,
             "clean_prob": self.clean_prob.clone(),
             "reason": self.reason,
         }
+        if self.image_embeds is not None:
+            state.update(image_embeds=self.image_embeds.clone(), text_embeds=self.text_embeds.clone())
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict, num_samples: int) -> ReferencePrior:
@@ -113,8 +134,12 @@ class ReferencePrior:
             random_pair_cosine=float(state["random_pair_cosine"]),
             clean_prob=torch.as_tensor(state["clean_prob"], dtype=torch.float32),
             reason=state["reason"],
+            image_embeds=None if state.get("image_embeds") is None else torch.as_tensor(state["image_embeds"]).float(),
+            text_embeds=None if state.get("text_embeds") is None else torch.as_tensor(state["text_embeds"]).float(),
         )
-        if prior.score.shape != (num_samples,) or prior.clean_prob.shape != (num_samples,):
+        embeds = [t for t in (prior.image_embeds, prior.text_embeds) if t is not None]
+        if prior.score.shape != (num_samples,) or prior.clean_prob.shape != (num_samples,) or \
+                any(t.ndim != 2 or t.shape[0] != num_samples for t in embeds):
             raise ValueError(
                 f"Reference-prior state covers {prior.score.shape[0]} pairs, but the training data has {num_samples}."
             )

@@ -181,7 +181,9 @@ class NoiseState:
         prior = None
         if self.reference_prior is not None:
             prior_state = self.reference_prior.state_dict()
-            tensors["reference_prior.score"], tensors["reference_prior.clean_prob"] = prior_state["score"], prior_state["clean_prob"]
+            for name in ("score", "clean_prob", "image_embeds", "text_embeds"):
+                if name in prior_state:
+                    tensors[f"reference_prior.{name}"] = prior_state[name]
             prior = {"random_pair_cosine": prior_state["random_pair_cosine"], "reason": prior_state["reason"],
                      "weight": self.prior_weight}
         metadata = {
@@ -242,7 +244,7 @@ class NoiseState:
             estimator.load_state_dict(metadata["estimator"])
             prior_metadata = metadata.get("reference_prior")
             prior = None if prior_metadata is None else ReferencePrior.from_state_dict(
-                {"score": tensors["reference_prior.score"], "clean_prob": tensors["reference_prior.clean_prob"],
+                {**{k[len("reference_prior."):]: v for k, v in tensors.items() if k.startswith("reference_prior.")},
                  **prior_metadata}, num_samples=size)
         except (ValueError, KeyError, TypeError) as error:
             raise NoiseStateError(f"{where}: {type(error).__name__}: {error}") from None

@@ -11,7 +11,9 @@
 
 The memory entries are the batch's neighbours, deduplicated, collated like a training batch and embedded in the same
 forward as the batch; under data parallelism they are gathered and deduplicated by index into one contrastive batch.
-NPC needs map-style data (it looks pairs up by index) and a dual encoder (`NLIPModel`).
+NPC needs map-style data (it looks pairs up by index) and a dual encoder (`NLIPModel`). A locked tower is shared with
+the sibling (it does not train), so the sibling reads its cached outputs too (`trainers.feature_cache`): with LiT-style
+towers NPC's extra cost is the heads' forward and backward, not a second pass through the towers.
 """
 
 from __future__ import annotations
@@ -77,9 +79,6 @@ class NPCObjective(Objective):
     def map_style_requirement(self) -> str | None:
         return "method 'npc'"
 
-    def reads_batch_pixels(self) -> bool:
-        return True
-
     def uses_train_set_features(self) -> bool:
         return True
 
@@ -135,7 +134,8 @@ class NPCObjective(Objective):
         def batch_loss(sibling: nn.Module) -> torch.Tensor:
             with context.autocast():
                 texts = [(inputs["input_ids"], inputs["attention_mask"])]
-                images, texts = context.encode(sibling, [inputs["pixel_values"]], texts)
+                index = [inputs["index"]]
+                images, texts = context.encode(sibling, [inputs["pixel_values"]], texts, image_index=index, text_index=index)
             return contrastive_loss(
                 all_gather_with_grad(images[0], sizes), all_gather_with_grad(texts[0], sizes), sibling.logit_scale.exp()
             )
@@ -143,8 +143,9 @@ class NPCObjective(Objective):
         self.sibling.step(batch_loss)
         sibling = self.sibling.model
         with torch.no_grad(), context.autocast():
-            images = gather_state(context.embed_images(sibling, memory.pixel_values), memory_sizes)[first]
-            texts = gather_state(context.embed_texts(sibling, memory.input_ids, memory.attention_mask), memory_sizes)[first]
+            images, texts = context.encode(sibling, [memory.pixel_values], [(memory.input_ids, memory.attention_mask)],
+                                           image_index=[memory.index], text_index=[memory.index])
+            images, texts = gather_state(images[0], memory_sizes)[first], gather_state(texts[0], memory_sizes)[first]
             return contrastive_loss(images, texts, sibling.logit_scale.exp(), reduction="none")
 
     # --------------------------------------------------------------------------------------------- schedule

@@ -2,9 +2,11 @@
 
 The negatives inside the softmax are re-weighted by the inverse of their cross-modal similarity
 (`trainers.losses.srcl_weight_pair`): likely false negatives, other captions that also fit the image, are pushed away
-less. With a frozen reference model (`--srcl_reference_model`, or `reference_model=` to `NLIPTrainer`) the similarity
-mixes in the reference's with weight `α`, scheduled linearly in the global step from `srcl_alpha_start` to
-`srcl_alpha_end` (a function of the step, so a resumed run continues it exactly).
+less. With a reference the similarity mixes in the reference's with weight `α`, scheduled linearly in the global step
+from `srcl_alpha_start` to `srcl_alpha_end` (a function of the step, so a resumed run continues it exactly). The
+reference is a frozen model (`--srcl_reference_model`, or `reference_model=` to `NLIPTrainer`), run on every batch;
+without one, the reference prior's stored embeddings (`--noise_prior reference`, scored once before training) give the
+reference similarity of the batch's real captions at no cost per step (synthetic captions then get none).
 """
 
 from __future__ import annotations
@@ -56,19 +58,28 @@ class SRCLObjective(Objective):
     def reads_batch_pixels(self) -> bool:
         return self.reference_model is not None
 
-    @property
-    def effective_alpha(self) -> float:
-        """`α`, or 0 without a reference model."""
-        return self.alpha if self.reference_model is not None else 0.0
+    def effective_alpha(self, context) -> float:
+        """`α`, or 0 without a reference (model or reference prior with embeddings)."""
+        has_reference = self.reference_model is not None or self._prior(context) is not None
+        return self.alpha if has_reference else 0.0
+
+    @staticmethod
+    def _prior(context):
+        prior = context.noise.state.reference_prior if context.noise is not None else None
+        return prior if prior is not None and prior.image_embeds is not None else None
 
     def on_step_begin(self, global_step: int, max_steps: int, context) -> None:
         self.alpha = self.args.srcl_alpha(global_step, max_steps)
 
     @torch.no_grad()
-    def _reference_embeddings(self, batch: EncodedBatch, texts: list, context) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        """The reference model's gathered image embeddings and text embeddings of each text part (None at α = 0)."""
-        if self.effective_alpha == 0:
+    def _reference_embeddings(self, batch: EncodedBatch, texts: list, context) -> tuple[torch.Tensor, list] | None:
+        """The reference's gathered image embeddings and text embeddings of each text part (None for a part it has
+        none of; None altogether at α = 0)."""
+        if self.effective_alpha(context) == 0:
             return None
+        if self.reference_model is None:  # the reference prior's stored embeddings, by dataset index
+            images, captions = self._prior(context).similarity(batch.index)
+            return images, [captions] + [None] * (len(texts) - 1)
         with context.autocast():
             images = context.embed_images(self.reference_model, batch.inputs["pixel_values"])
             text_parts = [context.embed_texts(self.reference_model, *text) for text in texts]
@@ -80,17 +91,19 @@ class SRCLObjective(Objective):
         if synthetic is not None:
             texts.append((synthetic.inputs.input_ids, synthetic.inputs.attention_mask))
         reference = self._reference_embeddings(batch, texts, context)
-        options = {"alpha": self.effective_alpha, "temperature": self.args.srcl_weight_temperature}
+        alpha = self.effective_alpha(context)
 
         def weights(text_embeds: torch.Tensor, part: int) -> tuple[torch.Tensor, torch.Tensor]:
-            ref = {} if reference is None else {"reference_image_embeds": reference[0],
-                                                "reference_text_embeds": reference[1][part]}
-            return srcl_weight_pair(batch.image_embeds, text_embeds, **ref, **options)
+            if reference is None or reference[1][part] is None:
+                return srcl_weight_pair(batch.image_embeds, text_embeds, temperature=self.args.srcl_weight_temperature)
+            return srcl_weight_pair(batch.image_embeds, text_embeds, reference_image_embeds=reference[0],
+                                    reference_text_embeds=reference[1][part], alpha=alpha,
+                                    temperature=self.args.srcl_weight_temperature)
 
         return Contribution(
             negative_weights=weights(batch.text_embeds, 0),
             synthetic_negative_weights=None if synthetic is None else weights(synthetic.gathered_text_embeds, 1),
-            metrics={"srcl/alpha": torch.tensor(self.effective_alpha)},
+            metrics={"srcl/alpha": torch.tensor(alpha)},
         )
 
     def settings(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import PIL.Image
 import PIL.PngImagePlugin
 import pytest
 
-from trainers import real_datasets
+from trainers.data import real_datasets
 from trainers.data.real_datasets import (
     DEBIAN_SOURCES,
     FASHION_MNIST_CLASSES,
