@@ -444,15 +444,16 @@ class NLIPTrainer(Trainer):
         dataset indices of the parts (`image_index` / `text_index`, None for a part without one, e.g. synthetic
         captions), a locked tower's outputs come from its feature cache (computed and stored on a miss)."""
         input_ids, attention_mask = self._concat_texts(texts)
-        pixel_values = torch.cat(images) if len(images) > 1 else images[0]
-        model_inputs: dict[str, torch.Tensor | None] = {
-            "input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
-        }
+        model_inputs: dict[str, torch.Tensor | None] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "vision" in self.feature_caches and image_index is not None and all(i is not None for i in image_index):
-            model_inputs["vision_pooled_output"] = self._cached_tower_output(
-                "vision", model, torch.cat(image_index), pixel_values=pixel_values
-            )
+            # Part by part: a batch whose cached images were not decoded holds placeholders of another size.
+            model_inputs["vision_pooled_output"] = torch.cat([
+                self._cached_tower_output("vision", model, index, pixel_values=pixels)
+                for pixels, index in zip(images, image_index, strict=True)
+            ])
             model_inputs["pixel_values"] = None
+        else:
+            model_inputs["pixel_values"] = torch.cat(images) if len(images) > 1 else images[0]
         if "text" in self.feature_caches and text_index is not None and all(i is not None for i in text_index):
             model_inputs["text_pooled_output"] = self._cached_tower_output(
                 "text", model, torch.cat(text_index), input_ids=input_ids, attention_mask=attention_mask
@@ -573,7 +574,8 @@ class NLIPTrainer(Trainer):
     @torch.no_grad()
     def train_set_pass(self, epoch: int, *, features: bool) -> TrainSetPass:
         """Embed the whole training set without gradient (eval mode) in training-sized global batches: each pair's
-        plain InfoNCE loss and, with `features`, its image and text features. Cached for the current step."""
+        plain InfoNCE loss and, with `features`, its image and text features (a locked tower's outputs from its feature
+        cache). Cached for the current step."""
         key = (epoch, self.state.global_step)
         if self._pass_cache is not None and self._pass_cache[0] == key:
             cached = self._pass_cache[1]
@@ -605,8 +607,15 @@ class NLIPTrainer(Trainer):
                     if "pixel_values" not in batch:  # every pair of the batch was invalid (counted by the collator)
                         continue
                     with self.accelerator.autocast():
-                        local_images = self._embed_images(model, batch["pixel_values"])
-                        local_texts = self._embed_texts(model, batch["input_ids"], batch["attention_mask"])
+                        if self.feature_caches:  # a locked tower's outputs come from (and fill) its cache
+                            index = [batch["index"]]
+                            captions = [(batch["input_ids"], batch["attention_mask"])]
+                            parts = self._encode(model, [batch["pixel_values"]], captions, image_index=index,
+                                                 text_index=index)
+                            local_images, local_texts = parts[0][0], parts[1][0]
+                        else:
+                            local_images = self._embed_images(model, batch["pixel_values"])
+                            local_texts = self._embed_texts(model, batch["input_ids"], batch["attention_mask"])
                     sizes = gather_sizes(batch["index"].shape[0], batch["index"].device)
                     image_embeds = gather_state(local_images.float(), sizes)
                     text_embeds = gather_state(local_texts.float(), sizes)

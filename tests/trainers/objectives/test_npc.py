@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
-from trainer_testing import embed_batch, method_trainer, single_thread, tiny_model, tiny_pair_batch
+from trainer_testing import embed_batch, method_trainer, single_thread, synthetic_pairs, tiny_model, tiny_pair_batch
 from trainers.losses import contrastive_loss, npc_confidence
 
 
@@ -57,3 +58,28 @@ def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
     memory_loss = contrastive_loss(memory_images, memory_texts, scale)
     torch.testing.assert_close(contribution.losses["npc/memory_loss"], memory_loss)
     torch.testing.assert_close(loss, contrastive_loss(images, texts, scale, sample_weights=confidence) + memory_loss)
+
+
+def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
+    """With both towers locked LiT-style, the image tower runs once per training image (first epoch); afterwards the
+    batch, NPC's sibling step, its memory entries and the memory-bank pass all read the cache."""
+    pairs = synthetic_pairs(32)
+    trainer = method_trainer(tmp_path, pairs, "npc", num_train_epochs=3, noise_warmup_epochs=1, npc_clean_threshold=0.5,
+                             freeze_vision_tower=True, freeze_text_tower=True, learning_rate=3e-3)
+    calls = []
+    epochs = []
+
+    class EpochOf(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            epochs.append(int(state.epoch or 0))
+
+    trainer.add_callback(EpochOf())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((epochs[-1], kwargs["pixel_values"].shape[0])), with_kwargs=True
+    )
+    trainer.train()
+    npc = trainer.objectives["npc"]
+    assert npc.memory_bank is not None and npc.sibling is not None
+    assert sum(count for epoch, count in calls if epoch == 0) == 32  # every image once, during the first epoch
+    assert [call for call in calls if call[0] > 0] == []  # never again: cached for the sibling, memory and the pass
