@@ -47,7 +47,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_nlip.modeling_nlip import pool_tower_output
 
 from .callbacks import TrainingScheduleCallback
-from .data.collator import SKIPPED_KEY, ImageTextCollator
+from .data.batch_skips import BatchSkips
+from .data.collator import ImageTextCollator
 from .context import TrainingContext, TrainSetPass
 from .data.pairs import SkipReport, dataset_rows
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
@@ -174,9 +175,7 @@ class NLIPTrainer(Trainer):
         # Pairs skipped while loading (given by the caller: `trainers.data.pairs` loaders' reports) and, per process, at
         # batch time (counted from the batches' `skipped_pairs`, so DataLoader workers' skips count too).
         self.load_skip_report = skip_report
-        self._batch_skips = {"skipped_pairs": {}, "empty_batches": 0, "epoch": 0, "empty_in_epoch": 0}
-        self._pending_empty_skips: tuple[int, int] | None = None
-        self._all_batch_skips: list[dict[str, Any]] | None = None
+        self.batch_skips = BatchSkips(args.process_index, args.world_size)
         self._data_fingerprint: dict[str, Any] | None = None
         self.feature_caches: dict[str, FeatureCache] = self._setup_tower_locking()
         self._step_metrics: dict[str, list[torch.Tensor]] = {}
@@ -561,10 +560,7 @@ class NLIPTrainer(Trainer):
         for collator in (self.data_collator, self._state_collator):
             if hasattr(collator, "set_epoch"):
                 collator.set_epoch(epoch)
-        if self._batch_skips["epoch"] != epoch:
-            self._batch_skips.update(epoch=epoch, empty_in_epoch=0)
-        if self._pending_empty_skips is not None and self._pending_empty_skips[0] != epoch:
-            self._pending_empty_skips = None  # resumed at an epoch boundary: nothing to skip
+        self.batch_skips.set_epoch(epoch)
 
     def refresh_concept_bank(self) -> None:
         """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
@@ -682,7 +678,7 @@ class NLIPTrainer(Trainer):
         objective's state (`nlip_objective_<name>.*`)."""
         super()._save_optimizer_and_scheduler(output_dir)
         if self.noise_state is not None:
-            self.noise_state.batch_skips = self.gather_batch_skips()
+            self.noise_state.batch_skips = self.batch_skips.gather()
             self.noise_state.data_fingerprint = self.data_fingerprint
         if self.args.should_save and self.noise_state is not None:
             self.noise_state.save(output_dir)
@@ -700,7 +696,7 @@ class NLIPTrainer(Trainer):
             expected = None if self.noise_state.loss_bank.growable else self.noise_state.num_samples
             self.noise_state.load(checkpoint, expected_num_samples=expected)
             legacy = self.noise_state.legacy_objective_state
-            self._restore_batch_skips(self.noise_state.batch_skips)
+            self.batch_skips.restore(self.noise_state.batch_skips)
             if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None:
                 if self._prior_model is None and self.args.noise_prior_model is None:
                     raise ValueError(
@@ -822,7 +818,7 @@ class NLIPTrainer(Trainer):
         self._warn_if_warmup_outlasts_training()
         result = super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                                **kwargs)
-        self._all_batch_skips = self.gather_batch_skips()
+        self.batch_skips.all_processes = self.batch_skips.gather()
         return result
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -831,67 +827,12 @@ class NLIPTrainer(Trainer):
         counted and removed before the model sees it. Under DDP the process that skips a batch reaches the end of its
         data one batch before the others: with `max_steps` (which streaming requires) every process still takes the
         same steps; map-style data is validated when loaded, so its batches are never empty."""
-        return super().get_batch_samples(_CountedBatches(self, epoch_iterator), num_batches, device)
-
-    def _count_batch(self, batch: Any) -> bool:
-        """Count a batch's skipped pairs (removing them from it); False for a batch with no pair left."""
-        if not isinstance(batch, dict):
-            return True
-        skipped = batch.pop(SKIPPED_KEY, None)
-        if skipped:
-            report = SkipReport.from_dict(self._batch_skips["skipped_pairs"])
-            report.update(skipped)
-            self._batch_skips["skipped_pairs"] = report.to_dict()
-        if "pixel_values" in batch or "input_ids" in batch:
-            return True
-        self._batch_skips["empty_batches"] += 1
-        self._batch_skips["empty_in_epoch"] += 1
-        logger.warning("Skipping a batch in which every pair was invalid (%s).",
-                       ", ".join(f"{count} {reason}" for reason, count in (skipped or {}).items() if reason != "files"))
-        return False
-
-    def gather_batch_skips(self) -> list[dict[str, Any]]:
-        """Every process's batch-time skips, in process order (a collective: every process must call it)."""
-        local = copy.deepcopy(self._batch_skips)
-        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, local)
-            return gathered
-        return [local]
-
-    def _restore_batch_skips(self, saved: list[dict[str, Any]]) -> None:
-        if not saved:
-            return
-        rank = self.args.process_index
-        if len(saved) != self.args.world_size:
-            logger.warning("The checkpoint's batch-time skip counts come from %d processes, this run has %d: they are "
-                           "kept as process 0's; a resume that skipped empty batches may not be exact.",
-                           len(saved), self.args.world_size)
-            merged = SkipReport()
-            for entry in saved:
-                merged.update(entry.get("skipped_pairs", {}))
-            entry = {"skipped_pairs": merged.to_dict() if rank == 0 else {},
-                     "empty_batches": sum(e.get("empty_batches", 0) for e in saved) if rank == 0 else 0,
-                     "epoch": saved[0].get("epoch", 0), "empty_in_epoch": 0}
-        else:
-            entry = dict(saved[rank])
-        self._batch_skips = entry
-        if entry.get("empty_in_epoch"):
-            self._pending_empty_skips = (entry["epoch"], entry["empty_in_epoch"])
+        return super().get_batch_samples(self.batch_skips.kept_batches(iter(epoch_iterator)), num_batches, device)
 
     def skipped_pairs(self) -> dict[str, Any] | None:
         """Every skipped pair of this run, by reason, with the broken files: load time (`skip_report`) plus batch time
         on every process; `empty_batches`: batches skipped whole. None when nothing is known to have been skipped."""
-        merged = SkipReport()
-        if self.load_skip_report is not None:
-            merged.update(self.load_skip_report)
-        entries = self._all_batch_skips if self._all_batch_skips is not None else [self._batch_skips]
-        for entry in entries:
-            merged.update(entry.get("skipped_pairs", {}))
-        empty = sum(int(entry.get("empty_batches", 0)) for entry in entries)
-        if not merged.skipped and not empty and self.load_skip_report is None:
-            return None
-        return {**merged.to_dict(), "empty_batches": empty}
+        return self.batch_skips.summary(self.load_skip_report)
 
     # ------------------------------------------------------------------------------------------------------- Hub
 
@@ -1051,25 +992,3 @@ class _DataHooks:
     def on_train_end(self) -> None:
         if self._concept_bank:
             self._trainer.refresh_concept_bank()
-
-
-class _CountedBatches:
-    """The Trainer's epoch iterator without the batches that kept no pair (counted), after the extra batches a resumed
-    run skips to stay aligned with the run it continues (see `NLIPTrainer._restore_batch_skips`)."""
-
-    def __init__(self, trainer: NLIPTrainer, iterator):
-        self.trainer, self.iterator = trainer, iterator
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        trainer = self.trainer
-        while trainer._pending_empty_skips is not None:
-            epoch, count = trainer._pending_empty_skips
-            trainer._pending_empty_skips = (epoch, count - 1) if count > 1 else None
-            next(self.iterator)  # consumed by the interrupted run in this epoch, uncounted here (restored counts)
-        while True:
-            batch = next(self.iterator)
-            if trainer._count_batch(batch):
-                return batch
