@@ -62,6 +62,40 @@ def _combination_note(parts: list[str]) -> str | None:
     return f"The components are combined in one objective: {' and '.join(clauses)}." if clauses else None
 
 
+def last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """`{"evaluation": metrics}` of the last evaluation in a Trainer's `log_history` (None without one)."""
+    evaluation = None
+    for entry in log_history:
+        metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        metrics = {k: v for k, v in metrics.items() if k not in ("runtime", "samples_per_second", "steps_per_second")}
+        if metrics:
+            evaluation = {"evaluation": metrics}
+    return evaluation
+
+
+def training_hyperparameters(args: Any) -> dict[str, Any]:
+    """The training hyper-parameters a model card lists, from `NLIPTrainingArguments`."""
+    hyperparameters = {
+        "learning_rate": args.learning_rate,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": args.world_size,
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "optimizer": getattr(args.optim, "value", args.optim),
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "weight_decay": args.weight_decay,
+        "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        "seed": args.seed,
+    }
+    locked = [name for name, on in (("vision", args.freeze_vision_tower), ("text", args.freeze_text_tower)) if on]
+    if locked:
+        hyperparameters["locked_towers"] = " + ".join(locked) + (
+            f" (last {args.unfreeze_last_n} blocks trainable)" if args.unfreeze_last_n else " (LiT-style)"
+        )
+    return hyperparameters
+
+
 def _tower(config: Any) -> str | None:
     if config is None:
         return None

@@ -56,7 +56,7 @@ from .evaluation.embeddings import compute_embeddings, embedding_tensor
 from .feature_cache import FeatureCache, token_fingerprints
 from .data.fingerprint import data_fingerprint, describe_change
 from .losses import Contribution, combine_contributions, contrastive_loss
-from .model_card import TrainingSummary, describe_towers
+from .model_card import TrainingSummary, describe_towers, last_evaluation, training_hyperparameters
 from .noise.state import NoiseState, read_metadata
 from .noise.tracker import NoiseTracker
 from .objectives import (
@@ -238,7 +238,9 @@ class NLIPTrainer(Trainer):
             num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
             seed=args.seed,
         )
-        return row_of_index, NoiseTracker(state, is_noisy, args, pass_features=pass_features)
+        present = torch.zeros(num_samples, dtype=torch.bool)
+        present[torch.from_numpy(indices)] = True
+        return row_of_index, NoiseTracker(state, is_noisy, args, pass_features=pass_features, present=present)
 
     def _setup_tower_locking(self) -> dict[str, FeatureCache]:
         """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` (the model's `freeze_towers`) and
@@ -902,62 +904,12 @@ class NLIPTrainer(Trainer):
         args = self.args
         if model_name is None:
             model_name = (self.args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1]
-        settings: dict[str, Any] = {
-            "noise_warmup_epochs": args.noise_warmup_epochs,
-            "gmm_refit_epochs": args.gmm_refit_epochs,
-            "noise_estimation_mode": args.noise_estimation_mode,
-            "noise_max_noisy_fraction": args.noise_max_noisy_fraction,
-        }
-        prior = None if self.noise_state is None else self.noise_state.reference_prior
-        if prior is not None:
-            settings.update(
-                noise_prior="reference",
-                noise_prior_model=args.noise_prior_model or "the starting model",
-                noise_prior_weight=args.noise_prior_weight,
-                reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
-            )
+        settings = {} if self.noise is None else self.noise.settings()
         for objective in self.objectives.values():
             settings.update(objective.settings())
-        if self.noise is not None and self.noise.is_noisy is not None:
-            present = torch.from_numpy(self._row_of_index >= 0)
-            settings["injected_noisy_fraction"] = float(self.noise.is_noisy[present].float().mean())
-        statistics = None
-        if self.noise_state is not None and self.noise_state.statistics:
-            renamed = {"mean_noise_prob": "mean_noise_probability"}
-            statistics = {
-                renamed.get(name.split("/", 1)[1], name.split("/", 1)[1]): value
-                for name, value in self.noise_state.statistics.items()
-            }
-            statistics["num_pairs"] = float(int(self.noise_state.loss_bank.seen.sum()))
-            if self.noise_state.last_fit_epoch is not None:
-                statistics["epoch"] = float(self.noise_state.last_fit_epoch)
-            statistics = {name: value for name, value in statistics.items() if not math.isnan(value)}
-        evaluation = {}
-        for entry in self.state.log_history:
-            metrics = {
-                k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))
-            }
-            metrics = {k: v for k, v in metrics.items() if k not in ("runtime", "samples_per_second", "steps_per_second")}
-            if metrics:
-                evaluation = {"evaluation": metrics}
-        hyperparameters = {
-            "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_processes": args.world_size,
-            "num_train_epochs": args.num_train_epochs,
-            "max_steps": args.max_steps,
-            "optimizer": getattr(args.optim, "value", args.optim),
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-            "weight_decay": args.weight_decay,
-            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
-            "seed": args.seed,
-        }
-        locked = [name for name, on in (("vision", args.freeze_vision_tower), ("text", args.freeze_text_tower)) if on]
-        if locked:
-            hyperparameters["locked_towers"] = " + ".join(locked) + (
-                f" (last {args.unfreeze_last_n} blocks trainable)" if args.unfreeze_last_n else " (LiT-style)"
-            )
+        statistics = None if self.noise is None else self.noise.summary_statistics()
+        evaluation = last_evaluation(self.state.log_history)
+        hyperparameters = training_hyperparameters(args)
         return TrainingSummary(
             model_name=model_name,
             method=args.method,
@@ -965,7 +917,7 @@ class NLIPTrainer(Trainer):
             noise_settings=settings,
             noise_statistics=statistics,
             datasets=datasets_ or [],
-            evaluation_results=evaluation or None,
+            evaluation_results=evaluation,
             training_hyperparameters=hyperparameters,
             skipped_pairs=self.skipped_pairs(),
             **({"license": license} if license else {}),

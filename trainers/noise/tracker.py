@@ -22,10 +22,50 @@ class NoiseTracker:
         is_noisy: ground-truth noisy mask by dataset index (for the logged ROC-AUC), when the data has one.
         args: the run's `NLIPTrainingArguments` (`noise_warmup_epochs`, `gmm_refit_epochs`, `noise_estimation_mode`).
         pass_features: whether a `pass`-mode state pass also keeps the features (a method's epoch work reuses them).
+        present: which dataset indices the training set holds (for the injected noisy fraction of `settings`).
     """
 
-    def __init__(self, state: NoiseState, is_noisy: torch.Tensor | None, args: Any, *, pass_features: bool = False):
+    def __init__(self, state: NoiseState, is_noisy: torch.Tensor | None, args: Any, *, pass_features: bool = False,
+                 present: torch.Tensor | None = None):
         self.state, self.is_noisy, self.args, self.pass_features = state, is_noisy, args, pass_features
+        self.present = present
+
+    def settings(self) -> dict[str, Any]:
+        """The estimate's settings for the model card (and the reference prior's, and the injected noisy fraction
+        when the data marks its noisy pairs)."""
+        args = self.args
+        settings: dict[str, Any] = {
+            "noise_warmup_epochs": args.noise_warmup_epochs,
+            "gmm_refit_epochs": args.gmm_refit_epochs,
+            "noise_estimation_mode": args.noise_estimation_mode,
+            "noise_max_noisy_fraction": args.noise_max_noisy_fraction,
+        }
+        prior = self.state.reference_prior
+        if prior is not None:
+            settings.update(
+                noise_prior="reference",
+                noise_prior_model=args.noise_prior_model or "the starting model",
+                noise_prior_weight=args.noise_prior_weight,
+                reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
+            )
+        if self.is_noisy is not None:
+            present = self.present if self.present is not None else torch.ones_like(self.is_noisy)
+            settings["injected_noisy_fraction"] = float(self.is_noisy[present].float().mean())
+        return settings
+
+    def summary_statistics(self) -> dict[str, float] | None:
+        """The latest logged statistics under model-card names, with the pairs scored and the epoch of the estimate
+        (None before any was logged)."""
+        state = self.state
+        if not state.statistics:
+            return None
+        renamed = {"mean_noise_prob": "mean_noise_probability"}
+        statistics = {renamed.get(name.split("/", 1)[1], name.split("/", 1)[1]): value
+                      for name, value in state.statistics.items()}
+        statistics["num_pairs"] = float(int(state.loss_bank.seen.sum()))
+        if state.last_fit_epoch is not None:
+            statistics["epoch"] = float(state.last_fit_epoch)
+        return {name: value for name, value in statistics.items() if not math.isnan(value)}
 
     @property
     def is_estimated(self) -> bool:
