@@ -16,10 +16,19 @@ examples and is rebuilt at every run).
 from __future__ import annotations
 
 import hashlib
+import inspect
+import logging
 import os
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from modeling_nlip.modeling_nlip import pool_tower_output
+
+
+logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "none")
 
@@ -137,3 +146,72 @@ class FeatureCache:
 
 
 __all__ = ["CACHE_MODES", "FeatureCache", "token_fingerprints"]
+
+
+def lock_towers(model: nn.Module, args: Any, *, num_samples: int | None, cacheable: bool = True, process_index: int = 0,
+                num_processes: int = 1) -> dict[str, FeatureCache]:
+    """Lock the towers named by `args.freeze_vision_tower` / `freeze_text_tower` (the model's `freeze_towers`, with
+    `args.unfreeze_last_n`) and create a feature cache for each fully locked tower (`args.frozen_feature_cache`:
+    memory or disk, a folder per process) when the model takes cached outputs (`cacheable` and a `forward` with
+    `vision_pooled_output`: an `NLIPModel` dual encoder). Returns the caches by tower (`"vision"`, `"text"`)."""
+    if not (args.freeze_vision_tower or args.freeze_text_tower):
+        return {}
+    if not hasattr(model, "freeze_towers"):
+        raise TypeError(
+            f"freeze_vision_tower / freeze_text_tower need an NLIP model (with `freeze_towers`); got {type(model).__name__}."
+        )
+    locked = model.freeze_towers(vision=args.freeze_vision_tower, text=args.freeze_text_tower,
+                                 unfreeze_last_n=args.unfreeze_last_n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Locked %d tower parameter tensors; %d parameters train.", len(locked), trainable)
+    frozen = model.frozen_tower_names()
+    if args.frozen_feature_cache == "none" or not frozen:
+        return {}
+    if not cacheable or "vision_pooled_output" not in inspect.signature(model.forward).parameters:
+        logger.info("Locked towers are not cached for %s (only an NLIPModel dual encoder takes cached tower outputs).",
+                    type(model).__name__)
+        return {}
+    directory = args.feature_cache_dir if args.frozen_feature_cache == "disk" else None
+    if directory is not None and num_processes > 1:
+        directory = os.path.join(directory, f"process_{process_index}")
+    caches = {}
+    for tower in frozen:
+        which = "vision" if tower == "vision_model" else "text"
+        caches[which] = FeatureCache(which, num_samples=num_samples, directory=directory)
+    logger.info("Caching the outputs of the locked %s tower(s) by dataset index (%s).", " and ".join(caches),
+                args.frozen_feature_cache)
+    return caches
+
+
+@torch.no_grad()
+def locked_tower_output(
+    cache: FeatureCache,
+    which: str,
+    model: nn.Module,
+    index: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The locked `which` tower's pooled outputs of the examples `index` (on the inputs' device) and which were
+    cache hits: cached ones from `cache`, the others computed by `model`'s tower (eval mode, no gradient) and stored.
+    Texts are fingerprinted by their token ids, so a changed caption is recomputed."""
+    fingerprint = token_fingerprints(input_ids, attention_mask) if which == "text" else None
+    features, hit = cache.lookup(index, fingerprint)
+    missing = (~hit).nonzero().squeeze(1)
+    if missing.numel():
+        rows = missing.to(index.device)
+        if which == "vision":
+            outputs = model.vision_model(pixel_values=pixel_values[rows], return_dict=True)
+            computed = pool_tower_output(outputs, model.config.vision_pooling)
+        else:
+            mask = attention_mask[rows]
+            outputs = model._text_tower_outputs(input_ids[rows], mask, None, None)
+            computed = pool_tower_output(outputs, model.config.text_pooling, mask)
+        computed = computed.float()
+        cache.store(index[rows], computed, None if fingerprint is None else fingerprint[missing])
+        if features is None:
+            features = torch.zeros(index.shape[0], computed.shape[1])
+        features[missing] = computed.cpu()
+    device = pixel_values.device if which == "vision" else input_ids.device
+    return features.to(device), hit

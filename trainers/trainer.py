@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import math
 import os
@@ -44,8 +43,6 @@ from transformers import AutoModel, Trainer
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_nlip.modeling_nlip import pool_tower_output
-
 from .callbacks import TrainingScheduleCallback
 from .data.batch_skips import BatchSkips
 from .data.collator import ImageTextCollator
@@ -53,7 +50,7 @@ from .context import TrainingContext, TrainSetPass
 from .data.pairs import SkipReport, dataset_rows
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
 from .evaluation.embeddings import compute_embeddings, embedding_tensor
-from .feature_cache import FeatureCache, token_fingerprints
+from .feature_cache import FeatureCache, lock_towers, locked_tower_output
 from .data.fingerprint import data_fingerprint, describe_change
 from .losses import Contribution, combine_contributions, contrastive_loss
 from .model_card import TrainingSummary, describe_towers, last_evaluation, training_hyperparameters
@@ -243,41 +240,15 @@ class NLIPTrainer(Trainer):
         return row_of_index, NoiseTracker(state, is_noisy, args, pass_features=pass_features, present=present)
 
     def _setup_tower_locking(self) -> dict[str, FeatureCache]:
-        """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` (the model's `freeze_towers`) and
-        create a feature cache for each fully locked tower of a dual encoder (`frozen_feature_cache`)."""
-        args = self.args
-        if not (args.freeze_vision_tower or args.freeze_text_tower):
-            return {}
+        """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` and create the feature caches of the
+        fully locked towers of a dual encoder (`trainers.feature_cache.lock_towers`)."""
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not hasattr(base, "freeze_towers"):
-            raise TypeError(
-                f"freeze_vision_tower / freeze_text_tower need an NLIP model (with `freeze_towers`); got {type(base).__name__}."
-            )
-        locked = base.freeze_towers(
-            vision=args.freeze_vision_tower, text=args.freeze_text_tower, unfreeze_last_n=args.unfreeze_last_n
+        return lock_towers(
+            base, self.args, num_samples=self.noise_state.num_samples if self._row_of_index is not None else None,
+            cacheable=not self._pretraining, process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
         )
-        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
-        logger.info("Locked %d tower parameter tensors; %d parameters train.", len(locked), trainable)
-        frozen = base.frozen_tower_names()
-        if args.frozen_feature_cache == "none" or not frozen:
-            return {}
-        if self._pretraining or "vision_pooled_output" not in inspect.signature(base.forward).parameters:
-            logger.info(
-                "Locked towers are not cached for %s (only an NLIPModel dual encoder takes cached tower outputs).",
-                type(base).__name__,
-            )
-            return {}
-        num_samples = self.noise_state.num_samples if self._row_of_index is not None else None
-        directory = args.feature_cache_dir if args.frozen_feature_cache == "disk" else None
-        if directory is not None and self.accelerator.num_processes > 1:
-            directory = os.path.join(directory, f"process_{self.accelerator.process_index}")
-        caches = {}
-        for tower in frozen:
-            which = "vision" if tower == "vision_model" else "text"
-            caches[which] = FeatureCache(which, num_samples=num_samples, directory=directory)
-        logger.info("Caching the outputs of the locked %s tower(s) by dataset index (%s).", " and ".join(caches), args.frozen_feature_cache)
-        return caches
 
     def _pixels_only_feed_the_cached_tower(self) -> bool:
         """Whether the training batches' pixels go nowhere but into the cached, locked image tower: no objective (a
@@ -465,42 +436,14 @@ class NLIPTrainer(Trainer):
         text_parts = list(outputs.text_embeds.split([ids.shape[0] for ids, _ in texts]))
         return image_parts, text_parts
 
-    @torch.no_grad()
-    def _cached_tower_output(
-        self,
-        which: str,
-        model: nn.Module,
-        index: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The locked `which` tower's pooled outputs of the examples `index`: cached ones from the feature cache, the
-        others computed by the tower (eval mode, no gradient) and stored. Texts are fingerprinted by their token ids,
-        so a changed caption is recomputed."""
-        cache = self.feature_caches[which]
-        fingerprint = token_fingerprints(input_ids, attention_mask) if which == "text" else None
-        features, hit = cache.lookup(index, fingerprint)
-        missing = (~hit).nonzero().squeeze(1)
-        if missing.numel():
-            base = self.accelerator.unwrap_model(model)
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            rows = missing.to(index.device)
-            if which == "vision":
-                outputs = base.vision_model(pixel_values=pixel_values[rows], return_dict=True)
-                computed = pool_tower_output(outputs, base.config.vision_pooling)
-            else:
-                mask = attention_mask[rows]
-                outputs = base._text_tower_outputs(input_ids[rows], mask, None, None)
-                computed = pool_tower_output(outputs, base.config.text_pooling, mask)
-            computed = computed.float()
-            cache.store(index[rows], computed, None if fingerprint is None else fingerprint[missing])
-            if features is None:
-                features = torch.zeros(index.shape[0], computed.shape[1])
-            features[missing] = computed.cpu()
-        device = pixel_values.device if which == "vision" else input_ids.device
+    def _cached_tower_output(self, which: str, model: nn.Module, index: torch.Tensor, **inputs) -> torch.Tensor:
+        """The locked `which` tower's pooled outputs of the examples `index` from its feature cache (computed and
+        stored on a miss; `trainers.feature_cache.locked_tower_output`); the hit rate goes into the training logs."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        features, hit = locked_tower_output(self.feature_caches[which], which, base, index, **inputs)
         self._track(f"feature_cache/{which}_hit_rate", hit.float().mean())
-        return features.to(device)
+        return features
 
     def _embed_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings from `get_image_features` of the unwrapped model (no-grad passes)."""

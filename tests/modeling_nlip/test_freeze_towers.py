@@ -164,7 +164,7 @@ def test_pretraining_model_locks_towers_without_a_cache(tmp_path, caplog):
     torch.manual_seed(0)
     model = NLIPForPreTraining(tiny_nlip_config(tokenizer, decoder_config=tiny_decoder_config(tokenizer)))
     args = training_args(tmp_path, freeze_vision_tower=True, freeze_text_tower=True, max_steps=1)
-    with caplog.at_level("INFO", logger="trainers.trainer"):
+    with caplog.at_level("INFO", logger="trainers.feature_cache"):
         trainer = NLIPTrainer(model=model, args=args, train_dataset=synthetic_pairs(16), processing_class=processor())
     assert trainer.feature_caches == {}
     assert "Locked towers are not cached for NLIPForPreTraining" in caplog.text
