@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The repository root too: its packages must win over the tests' mirror folders of the same names (tests/trainers).
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer_testing import processor, synthetic_pairs, tiny_model, training_args  # noqa: E402
+from nlip_testing import processor, synthetic_pairs, tiny_model, training_args  # noqa: E402
 
 
 NUM_PAIRS = 16

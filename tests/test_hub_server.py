@@ -16,7 +16,7 @@ from PIL import Image
 
 from hub_server import LocalHub, git_blob_oid, local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from modeling_nlip import NLIPModel
-from tiny import tiny_nlip_config, tiny_processor
+from nlip_testing import tiny_nlip_config, tiny_processor
 
 TESTS_DIR = str(Path(__file__).parent)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

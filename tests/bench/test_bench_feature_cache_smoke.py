@@ -4,7 +4,7 @@ change the training."""
 import json
 import math
 
-from bench_testing import load_bench_script
+from nlip_testing import load_bench_script
 
 
 def test_feature_cache_bench_quick(tmp_path):

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from bench_testing import load_bench_script
+from nlip_testing import load_bench_script
 
 from trainers.data.real_datasets import DEBIAN_SOURCES
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from bench_testing import load_bench_script
+from nlip_testing import load_bench_script
 
 
 # Every figure the benchmark reports, by section; all must be finite and > 0.

@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 
-from tiny import REPO_ROOT
+from nlip_testing import REPO_ROOT
 
 
 BENCH = REPO_ROOT / "bench" / "streaming.py"

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, pipeline
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_nlip import NLIPForCaptioning, NLIPProcessor, caption_lm_loss, tokenize_concepts
-from tiny import BOS_ID, tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
+from nlip_testing import BOS_ID, tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
 
 CAPTIONS = ["a photo of a cat", "a dog", "a red car on the road by a tree"]
 CONCEPTS = [["cat"], ["ankle boot", "dog", "red car"], []]

@@ -12,7 +12,7 @@ import torch
 
 from hf_common import require_hf_test_utils
 from modeling_nlip import NLIPConfig, NLIPForCaptioning, NLIPForPreTraining
-from tiny import BOS_ID, tiny_decoder_config, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from nlip_testing import BOS_ID, tiny_decoder_config, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 hf = require_hf_test_utils()
 

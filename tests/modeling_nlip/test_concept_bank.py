@@ -14,7 +14,7 @@ from modeling_nlip import (
     tokenize_concepts,
 )
 from modeling_nlip.concept_bank import concept_prefix_rows, left_pad
-from tiny import PAD_ID, tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
+from nlip_testing import PAD_ID, tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
 
 VOCABULARY = ["cat", "dog", "car", "tree", "ankle boot"]
 

@@ -6,8 +6,17 @@ import torch
 from transformers import TimmWrapperConfig
 
 from modeling_nlip import NLIPConfig, NLIPForPreTraining, NLIPModel
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_text_config, tiny_tokenizer
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import (
+    processor,
+    single_thread,
+    synthetic_pairs,
+    tiny_decoder_config,
+    tiny_model,
+    tiny_nlip_config,
+    tiny_text_config,
+    tiny_tokenizer,
+    training_args,
+)
 from trainers.trainer import NLIPTrainer
 
 pytest.importorskip("timm")

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassif
 
 from modeling_nlip import NLIPConfig, NLIPModel, NLIPProcessor, convert_clip_to_nlip
 from modeling_nlip.conversion_clip import embedding_parity
-from tiny import tiny_nlip_config, tiny_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from nlip_testing import tiny_nlip_config, tiny_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from hf_common import require_hf_test_utils
 from modeling_nlip import NLIPConfig, NLIPModel
-from tiny import tiny_text_config, tiny_vision_config
+from nlip_testing import tiny_text_config, tiny_vision_config
 
 hf = require_hf_test_utils()
 

@@ -13,7 +13,7 @@ from torch.nn.functional import cross_entropy, normalize
 from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
 
 from modeling_nlip import NLIPForCaptioning, NLIPForPreTraining, NLIPModel, NLIPProcessor
-from tiny import tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
+from nlip_testing import tiny_decoder_config, tiny_image_processor, tiny_nlip_config, tiny_tokenizer
 from trainers.losses import contrastive_loss, nitc_loss
 
 CAPTIONS = ["a photo of a cat", "a dog on the grass", "a red car", "a tree"]

@@ -24,7 +24,7 @@ from modeling_nlip import (
     image_processor_from_timm_config,
 )
 from modeling_nlip.modeling_nlip import image_tokens, tower_hidden_size
-from tiny import tiny_decoder_config, tiny_text_config, tiny_tokenizer
+from nlip_testing import tiny_decoder_config, tiny_text_config, tiny_tokenizer
 
 timm = pytest.importorskip("timm")
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from modeling_nlip import NLIPForCaptioning, NLIPModel
 from nlip_cli import audit
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_processor
+from nlip_testing import tiny_decoder_config, tiny_nlip_config, tiny_processor
 
 FORMULA_CAPTIONS = ["=HYPERLINK(\"http://x\")", "+1+2", "-3 dogs", "@SUM(A1)", "\tcat", "\rcar"]
 CAPTIONS = [*FORMULA_CAPTIONS, "a red car", "a small dog", "a cat on a mat", "two birds"]

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from modeling_nlip import NLIPForPreTraining
 from nlip_cli import audit
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_processor
+from nlip_testing import tiny_decoder_config, tiny_nlip_config, tiny_processor
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

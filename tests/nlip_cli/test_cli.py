@@ -238,7 +238,7 @@ def test_one_beam_setting_across_commands():
 def test_no_pin_memory_warning_on_cpu(tmp_path):
     import torch
 
-    from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model
+    from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model
     from trainers.trainer import NLIPTrainer
 
     args = NLIPTrainingArguments(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, num_train_epochs=2,

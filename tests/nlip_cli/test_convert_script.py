@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, CLIPConfig, CLIPModel, CLIPProcessor
 
 from nlip_cli.convert_clip_to_nlip import main, parity_inputs
-from tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from nlip_testing import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 
 def test_convert_script_round_trip(tmp_path):

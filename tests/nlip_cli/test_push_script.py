@@ -13,7 +13,7 @@ from PIL import Image
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from modeling_nlip import NLIPModel
 from nlip_cli.push import PushArguments, card_summary, main
-from tiny import REPO_ROOT, tiny_nlip_config, tiny_processor
+from nlip_testing import REPO_ROOT, tiny_nlip_config, tiny_processor
 from trainers.model_card import TrainingSummary
 
 SUMMARY = TrainingSummary(

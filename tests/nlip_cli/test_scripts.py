@@ -27,7 +27,7 @@ from trainers.models import (
     train_caption_tokenizer,
 )
 from trainers.noise.pair_scoring import fixed_negative_losses
-from tiny import save_tiny_dual_checkpoint, tiny_decoder_config, tiny_nlip_config, tiny_processor
+from nlip_testing import save_tiny_dual_checkpoint, tiny_decoder_config, tiny_nlip_config, tiny_processor
 from trainers.losses import contrastive_loss
 
 CAPTIONS = ["a red car on the road", "a small dog, sleeping", "a red car", "<b>bold</b> & <script>alert(1)</script>"]

@@ -15,7 +15,7 @@ import pytest
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from nlip_cli import audit, caption, evaluate, train
 from trainers.data.real_datasets import DEBIAN_SOURCES, load_fashion_mnist
-from tiny import REPO_ROOT
+from nlip_testing import REPO_ROOT
 
 pytestmark = [
     pytest.mark.slow,

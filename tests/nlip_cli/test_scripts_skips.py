@@ -13,7 +13,7 @@ from PIL import Image
 from shard_server import serve_directory
 
 from nlip_cli import audit, train
-from tiny import save_tiny_dual_checkpoint
+from nlip_testing import save_tiny_dual_checkpoint
 from trainers.data.pairs import MISSING_IMAGE, UNLISTED_IMAGE
 
 

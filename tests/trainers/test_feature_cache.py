@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tiny import BASE_WORDS
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import BASE_WORDS, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.collator import ImageTextCollator
 from trainers.feature_cache import FeatureCache, token_fingerprints
 from trainers.trainer import NLIPTrainer

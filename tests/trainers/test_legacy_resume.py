@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_testing import legacy_resume_args, legacy_resume_dataset, processor, single_thread, tiny_model
+from nlip_testing import TESTS_DIR, legacy_resume_args, legacy_resume_dataset, processor, single_thread, tiny_model
 from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
-from tiny import TESTS_DIR
 
 
 FIXTURE = str(TESTS_DIR / "fixtures" / "legacy_checkpoint_v2")

@@ -156,7 +156,7 @@ def test_card_says_what_the_checkpoint_is_and_shows_a_visible_placeholder():
 
 
 def test_describe_towers_of_a_config():
-    from tiny import tiny_decoder_config, tiny_nlip_config
+    from nlip_testing import tiny_decoder_config, tiny_nlip_config
     from trainers.model_card import describe_towers
 
     towers = describe_towers(tiny_nlip_config(decoder_config=tiny_decoder_config()))

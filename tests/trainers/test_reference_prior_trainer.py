@@ -4,7 +4,7 @@ probability NITC uses from step 0, and it is saved in checkpoints and restored o
 import pytest
 import torch
 
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.collator import ImageTextCollator
 from trainers.losses import nitc_loss
 from trainers.noise.state import NoiseState

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.pairs import load_webdataset_pairs
 from trainers.noise.state import NOISE_STATE_JSON, NOISE_STATE_TENSORS, NoiseStateError
 from trainers.trainer import NLIPTrainer

@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from modeling_nlip import NLIPModel
-from trainer_testing import (
+from nlip_testing import (
     embed_batch,
     method_trainer,
     noisy_fashion_mnist,

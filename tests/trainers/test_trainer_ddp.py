@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ddp_worker
-from trainer_testing import single_thread
+from nlip_testing import single_thread
 
 
 WORLD_SIZE = 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hub_server import local_hub, run_python  # noqa: F401  (local_hub is a fixture)
-from tiny import TESTS_DIR
+from nlip_testing import TESTS_DIR
 
 
 REPO = "nlip-tester/tiny-noisy-nlip"
@@ -19,7 +19,7 @@ import json, sys
 import torch
 sys.path.insert(0, {tests_dir!r})
 torch.set_num_threads(1)
-from trainer_testing import processor, synthetic_pairs, tiny_model, training_args
+from nlip_testing import processor, synthetic_pairs, tiny_model, training_args
 from trainers.data.collator import ImageTextCollator
 from trainers.trainer import NLIPTrainer
 

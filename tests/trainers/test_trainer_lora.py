@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel
 
 from modeling_nlip import NLIPModel
-from trainer_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.collator import ImageTextCollator
 from trainers.trainer import NLIPTrainer
 

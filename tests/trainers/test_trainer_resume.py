@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from trainer_testing import noise_state_snapshot, processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import noise_state_snapshot, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.noise.state import NOISE_STATE_JSON, NOISE_STATE_TENSORS, NoiseState
 from trainers.objectives.base import objective_state_paths
 from trainers.objectives.npc import NPC_SIBLING_OPTIMIZER_NAME

@@ -6,7 +6,7 @@ import io
 import PIL.Image
 import pytest
 import torch
-from tiny import tiny_image_processor, tiny_tokenizer
+from nlip_testing import tiny_image_processor, tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import CLIPProcessor
 

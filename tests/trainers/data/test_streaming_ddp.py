@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from shard_server import serve_directory
 
-from tiny import REPO_ROOT, save_tiny_dual_checkpoint
+from nlip_testing import REPO_ROOT, save_tiny_dual_checkpoint
 
 REPO = str(REPO_ROOT)
 NUM_SHARDS, PER_SHARD, MAX_STEPS, SAVE_STEPS = 4, 12, 6, 2

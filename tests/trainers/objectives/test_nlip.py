@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from modeling_nlip import NLIPForCaptioning
-from tiny import tiny_decoder_config, tiny_nlip_config, tiny_tokenizer
-from trainer_testing import (
+from nlip_testing import (
     embed_batch,
     method_trainer,
     processor,
     single_thread,
     synthetic_pairs,
+    tiny_decoder_config,
     tiny_model,
+    tiny_nlip_config,
     tiny_pair_batch,
     tiny_pretraining_model,
+    tiny_tokenizer,
     training_args,
 )
 from trainers.losses import nitc_loss

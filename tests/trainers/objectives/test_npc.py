@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from trainer_testing import embed_batch, method_trainer, single_thread, synthetic_pairs, tiny_model, tiny_pair_batch
+from nlip_testing import embed_batch, method_trainer, single_thread, synthetic_pairs, tiny_model, tiny_pair_batch
 from trainers.losses import contrastive_loss, npc_confidence
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer_testing import embed_batch, method_trainer, single_thread, tiny_pair_batch
+from nlip_testing import embed_batch, method_trainer, single_thread, tiny_pair_batch
 from trainers.losses import complementary_contrastive_loss
 
 

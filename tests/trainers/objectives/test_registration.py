@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from trainer_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.losses import Contribution, contrastive_loss, nitc_loss
 from trainers.objectives import MethodCard, Objective, method_names, register_objective
 from trainers.objectives.base import objective_state_paths

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from trainer_testing import embed_batch, method_trainer, processor, single_thread, tiny_model, tiny_pair_batch, training_args
+from nlip_testing import embed_batch, method_trainer, processor, single_thread, tiny_model, tiny_pair_batch, training_args
 from trainers.losses import contrastive_loss, srcl_weight_pair
 from trainers.trainer import NLIPTrainer
 

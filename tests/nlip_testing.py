@@ -1,24 +1,116 @@
-"""Builders shared by the NLIPTrainer tests (and the DDP worker): tiny models, tiny image-text datasets, arguments."""
+"""Builders and helpers shared by the tests (one testing-utilities module): a word-level tokenizer, a 32-px image
+processor and tiny model configurations; tiny models, image-text datasets, trainer arguments and trainers for the
+NLIPTrainer tests (and the DDP worker); the repository paths; and importing a benchmark script for its smoke test.
+Nothing here touches the network; `modeling_nlip` and `trainers` are imported only inside the builders that need
+them, so a subprocess that blocks the nlip packages can still use the tokenizer and configurations."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import re
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import datasets
 import numpy as np
 import PIL.Image
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 
-from tiny import (
-    BASE_WORDS,
-    tiny_decoder_config,
-    tiny_nlip_config,
-    tiny_processor,
-    tiny_text_config,
-    tiny_tokenizer,
-    tiny_vision_config,
-)
+
+# The tests folder and the repository root (tests live in sub-folders mirroring the source tree).
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+# EOS is not id 2: CLIP text towers treat eos_token_id == 2 as "legacy" and pool at argmax(input_ids).
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+
+BASE_WORDS = (
+    "a an the of photo picture image this is in on with and at by for to from it its some small large "
+    "t-shirt top trouser pullover dress coat sandal shirt sneaker bag ankle boot "
+    "cat dog bird car tree house person man woman child red green blue black white "
+    "astronaut coffee rocket camera chelsea horse clock flower fruit ball chair table"
+).split()
+
+
+def tiny_tokenizer(extra_words: list[str] | None = None, model_max_length: int = 16) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer: ids 0-3 are [PAD] [UNK] [BOS] [EOS], then `BASE_WORDS` + `extra_words`."""
+    words = list(dict.fromkeys(BASE_WORDS + [w for text in (extra_words or []) for w in re.findall(r"[\w'-]+|[^\w\s]", text.lower())]))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [w for w in words if w not in SPECIAL_TOKENS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", BOS_ID), ("[EOS]", EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        unk_token="[UNK]",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_image_processor(size: int = 32) -> CLIPImageProcessorPil:
+    """A CLIP image processor that resizes and centre-crops to `size` px (CLIP mean/std normalisation)."""
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def tiny_vision_config(**overrides) -> dict:
+    """A 2-layer, 32-dim CLIP ViT over 32-px images with 8-px patches."""
+    config = dict(model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=2, num_attention_heads=4)
+    return {**config, **overrides}
+
+
+def tiny_text_config(tokenizer=None, **overrides) -> dict:
+    """A 2-layer, 32-dim CLIP text transformer sized for `tokenizer` (default: `tiny_tokenizer()`)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = dict(model_type="clip_text_model", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                  pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    return {**config, **overrides}
+
+
+def tiny_nlip_config(tokenizer=None, **overrides):
+    """An `NLIPConfig` with tiny CLIP towers and a 16-dim joint space."""
+    from modeling_nlip import NLIPConfig
+
+    kwargs = dict(vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer), projection_dim=16)
+    return NLIPConfig(**{**kwargs, **overrides})
+
+
+def tiny_processor(tokenizer=None):
+    """An `NLIPProcessor` with the tiny image processor and tokenizer."""
+    from modeling_nlip import NLIPProcessor
+
+    return NLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer or tiny_tokenizer())
+
+
+def tiny_decoder_config(tokenizer=None, **overrides) -> dict:
+    """A 2-layer, 32-dim BERT causal decoder with cross-attention, sized for `tokenizer` (default: `tiny_tokenizer()`)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = dict(model_type="bert", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+                  pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    return {**config, **overrides}
+
+
+def save_tiny_dual_checkpoint(path) -> str:
+    """Save a seeded tiny `NLIPModel` and its processor into `path` (a checkpoint the scripts can load); returns it."""
+    from modeling_nlip import NLIPModel
+
+    torch.manual_seed(0)
+    NLIPModel(tiny_nlip_config()).save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return str(path)
 
 
 # From-scratch tiny CLIP towers start with nearly identical embeddings for every input; a larger initialisation breaks
@@ -167,3 +259,15 @@ def tiny_pretraining_model():
     )
     torch.manual_seed(0)
     return NLIPForPreTraining(config)
+
+
+BENCH_DIR = REPO_ROOT / "bench"
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """`bench/<name>.py` as the module `bench_<name>`, executed afresh."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
