@@ -51,10 +51,18 @@ class NLIPOutput(ModelOutput):
         )
 
 
+def per_sample_info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-pair InfoNCE `½(CE_i(row i) + CE_i(column i))` of a square similarity-logit matrix, `[B]`: the
+    diagonal holds the matching pairs."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    rows = nn.functional.cross_entropy(logits, targets, reduction="none")
+    columns = nn.functional.cross_entropy(logits.T, targets, reduction="none")
+    return (rows + columns) / 2
+
+
 def symmetric_contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """CLIP's loss: mean of the text->image and image->text cross-entropies with the diagonal as targets."""
-    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    return (nn.functional.cross_entropy(logits_per_text, targets) + nn.functional.cross_entropy(logits_per_text.T, targets)) / 2
+    """CLIP's loss: the mean of the text->image and image->text cross-entropies with the diagonal as targets."""
+    return per_sample_info_nce(logits_per_text).mean()
 
 
 def image_tokens(hidden_state: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .concept_bank import left_pad
 from .configuration_nlip import NLIPConfig
-from .modeling_nlip import NLIPModel, build_tower, pool_tower_output
+from .modeling_nlip import NLIPModel, build_tower, per_sample_info_nce, pool_tower_output
 from .modeling_nlip_captioning import IGNORE_INDEX, NLIPCaptioningPreTrainedModel, NLIPForCaptioning
 
 
@@ -66,13 +66,9 @@ class NLIPForPreTrainingOutput(ModelOutput):
         )
 
 
-def per_sample_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def pair_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric per-sample InfoNCE `CE_i = ½(CE_i(image→texts) + CE_i(text→images))` of normalised embeddings, `[B]`."""
-    logits_per_image = logit_scale * image_embeds.float() @ text_embeds.float().T
-    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    image_to_text = nn.functional.cross_entropy(logits_per_image, targets, reduction="none")
-    text_to_image = nn.functional.cross_entropy(logits_per_image.T, targets, reduction="none")
-    return (image_to_text + text_to_image) / 2
+    return per_sample_info_nce(logit_scale * image_embeds.float() @ text_embeds.float().T)
 
 
 class NLIPMaskedImageDecoder(nn.Module):
@@ -317,11 +313,11 @@ class NLIPForPreTraining(NLIPCaptioningPreTrainedModel):
         losses: dict[str, torch.Tensor] = {}
         per_sample_itc = None
         if return_loss:
-            per_sample_itc = per_sample_info_nce(image_embeds, text_embeds, logit_scale)
+            per_sample_itc = pair_info_nce(image_embeds, text_embeds, logit_scale)
             if return_contrastive_loss:
                 per_sample = per_sample_itc
                 if synthetic_text_embeds is not None:
-                    per_sample = (per_sample + per_sample_info_nce(image_embeds, synthetic_text_embeds, logit_scale)) / 2
+                    per_sample = (per_sample + pair_info_nce(image_embeds, synthetic_text_embeds, logit_scale)) / 2
                 if sample_weights is not None:
                     per_sample = per_sample * torch.as_tensor(sample_weights, dtype=per_sample.dtype, device=per_sample.device)
                 losses["contrastive_loss"] = per_sample.mean()
