@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# The real offline datasets, and the headless browser of the audit report test (tests/test_audit_report_browser.py).
+# The real offline datasets, and the headless browser of the audit report test (tests/nlip_cli/test_audit_report_browser.py).
 DEBIAN_DATA := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png fonts-noto-color-emoji chromium chromium-driver
 
 .PHONY: setup data demo test test-latest lock bench clean
@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # captioning and trainer tests. Prints the versions it used. When it passes, `make lock` records them.
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
-LATEST_TESTS := tests/test_modeling_nlip.py tests/test_modeling_nlip_common.py tests/test_captioning.py \
-	tests/test_captioning_common.py tests/test_pretraining.py tests/test_trainer.py
+LATEST_TESTS := tests/modeling_nlip/test_modeling_nlip.py tests/modeling_nlip/test_modeling_nlip_common.py \
+	tests/modeling_nlip/test_captioning.py tests/modeling_nlip/test_captioning_common.py \
+	tests/modeling_nlip/test_pretraining.py tests/trainers/test_trainer.py tests/trainers/objectives
 test-latest: data
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)

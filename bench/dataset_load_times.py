@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from trainers import real_datasets
+from trainers.data import real_datasets
 
 LOADERS = {
     "fashion_mnist": real_datasets.load_fashion_mnist,

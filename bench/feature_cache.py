@@ -70,7 +70,7 @@ def pretrained_setup(pairs: int):
 
 def quick_setup(pairs: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from trainer_testing import processor, synthetic_pairs, tiny_model
+    from nlip_testing import processor, synthetic_pairs, tiny_model
 
     return tiny_model(), processor(), synthetic_pairs(pairs), "tiny CLIP towers (--quick), synthetic pairs"
 

@@ -40,7 +40,7 @@ from trainers.training_args import NLIPTrainingArguments
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny import BASE_WORDS, tiny_image_processor, tiny_tokenizer  # noqa: E402  (a small offline tokenizer)
+from nlip_testing import BASE_WORDS, tiny_image_processor, tiny_tokenizer  # noqa: E402  (a small offline tokenizer)
 
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "method_overhead.json"

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from datasets.distributed import split_dataset_by_node  # noqa: E402
 
-from tiny import tiny_tokenizer  # noqa: E402
+from nlip_testing import tiny_tokenizer  # noqa: E402
 from trainers.data.collator import ImageTextCollator  # noqa: E402
 from trainers.data.pairs import load_webdataset_pairs  # noqa: E402
 from trainers.data.shards import iter_shard_samples, shard_count  # noqa: E402

@@ -1,7 +1,7 @@
 """LoRA fine-tuning from the command line (`nlip-train --lora_r 8 ...`), with `peft`.
 
 The model's chosen linear layers get low-rank adapters; only the adapters (and the projection heads, which a new task
-usually needs to move) train. `NLIPTrainer` handles a `peft` model as is (tests/test_trainer_lora.py). At the end of
+usually needs to move) train. `NLIPTrainer` handles a `peft` model as is (tests/trainers/test_trainer_lora.py). At the end of
 training `nlip-train` saves the adapter alone into `output_dir/lora_adapter/` and the merged model (base weights +
 adapters) into `output_dir`, so that `nlip-eval`, `nlip-audit`, `nlip-caption` and `from_pretrained` load it like any
 checkpoint.

@@ -1,4 +1,4 @@
-"""What `nlip-audit` writes, checked without a browser (tests/test_audit_report_browser.py drives the page): no `nan` /
+"""What `nlip-audit` writes, checked without a browser (tests/nlip_cli/test_audit_report_browser.py drives the page): no `nan` /
 `None` for pairs without a suggested caption, CSV cells that cannot run as spreadsheet formulas, a Parquet table that
 `datasets` reads back with its images, relative image paths, the models named, the loss plot embedded, the load-time
 skip counts shown when present, and no misleading "top N" card when every pair is shown."""
