@@ -1,21 +1,9 @@
 """`clip`: the trainer's loss is plain InfoNCE over the batch, and its details are the batch's."""
 
-import pytest
 import torch
 
-from nlip_testing import embed_batch, method_trainer, single_thread, tiny_pair_batch
+from nlip_testing import embed_batch, method_trainer
 from trainers.losses import contrastive_loss
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_batch():
-    return tiny_pair_batch()
 
 
 def test_clip_loss_is_infonce(tmp_path, tiny_batch):

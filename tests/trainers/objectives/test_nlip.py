@@ -11,29 +11,16 @@ from nlip_testing import (
     embed_batch,
     method_trainer,
     processor,
-    single_thread,
     synthetic_pairs,
     tiny_decoder_config,
     tiny_model,
     tiny_nlip_config,
-    tiny_pair_batch,
     tiny_pretraining_model,
     tiny_tokenizer,
     training_args,
 )
 from trainers.losses import nitc_loss
 from trainers.trainer import NLIPTrainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_batch():
-    return tiny_pair_batch()
 
 
 def test_nlip_loss_is_nitc_with_the_noise_probabilities(tmp_path, tiny_batch):

@@ -1,22 +1,10 @@
 """`npc`: the trainer's NPC step follows the paper's equations (sibling look-ahead, confidences, memory loss)."""
 
-import pytest
 import torch
 from transformers import TrainerCallback
 
-from nlip_testing import embed_batch, method_trainer, single_thread, synthetic_pairs, tiny_model, tiny_pair_batch
+from nlip_testing import embed_batch, method_trainer, synthetic_pairs, tiny_model
 from trainers.losses import contrastive_loss, npc_confidence
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_batch():
-    return tiny_pair_batch()
 
 
 def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from nlip_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import embed_batch, processor, synthetic_pairs, tiny_model, training_args
 from trainers.losses import Contribution, contrastive_loss, nitc_loss
 from trainers.objectives import MethodCard, Objective, method_names, register_objective
 from trainers.objectives.base import objective_state_paths
@@ -42,12 +42,6 @@ class HalfWeightObjective(Objective):
 
 
 register_objective(HalfWeightObjective)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def test_a_registered_method_is_parsed_combined_and_validated():

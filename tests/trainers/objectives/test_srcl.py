@@ -5,20 +5,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from nlip_testing import embed_batch, method_trainer, processor, single_thread, tiny_model, tiny_pair_batch, training_args
+from nlip_testing import embed_batch, method_trainer, processor, tiny_model, training_args
 from trainers.losses import contrastive_loss, srcl_weight_pair
 from trainers.trainer import NLIPTrainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_batch():
-    return tiny_pair_batch()
 
 
 def test_srcl_loss_uses_both_directions_weights(tmp_path, tiny_batch):
