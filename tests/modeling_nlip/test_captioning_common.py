@@ -5,6 +5,7 @@ Generation tests: the transformers sdist has no `tests/generation/test_utils.py`
 `test_captioning.py` instead.
 """
 
+import random
 import unittest
 
 import numpy as np
@@ -43,16 +44,16 @@ class NLIPCaptioningModelTester:
                           decoder_config=self.decoder_config, projection_dim=16, **self.config_kwargs)
 
     def prepare_config_and_inputs_for_common(self):
-        input_ids = hf.ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 4) + 4
+        input_ids = hf.ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 4, rng=random) + 4
         input_ids[:, 0] = BOS_ID
         attention_mask = torch.ones_like(input_ids)
         for row, length in enumerate(np.random.randint(2, self.seq_length + 1, size=self.batch_size)):
             attention_mask[row, length:] = 0  # right padding, as the tokenizer pads captions
-        pixel_values = hf.floats_tensor([self.batch_size, 3, self.image_size, self.image_size])
+        pixel_values = hf.floats_tensor([self.batch_size, 3, self.image_size, self.image_size], rng=random)
         inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
         if self.with_concepts:
             # Low ids: the resize tests shrink the vocabulary and clamp only `input_ids`.
-            concept_ids = hf.ids_tensor([self.batch_size, self.prefix_length], 16) + 4
+            concept_ids = hf.ids_tensor([self.batch_size, self.prefix_length], 16, rng=random) + 4
             concept_mask = torch.ones_like(concept_ids)
             concept_mask[0, :3] = 0  # left-padded prefixes of different lengths
             concept_mask[1, :1] = 0

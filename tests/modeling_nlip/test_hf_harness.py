@@ -4,6 +4,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import random
 import shutil
 import sys
 import tarfile
@@ -69,10 +70,10 @@ class TinyCLIPModelTester:
         )
 
     def prepare_config_and_inputs_for_common(self):
-        input_ids = hf.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        input_ids = hf.ids_tensor([self.batch_size, self.seq_length], self.vocab_size, rng=random)
         attention_mask = torch.ones_like(input_ids)
         attention_mask[0, -2:] = 0  # one right-padded row
-        pixel_values = hf.floats_tensor([self.batch_size, 3, self.image_size, self.image_size])
+        pixel_values = hf.floats_tensor([self.batch_size, 3, self.image_size, self.image_size], rng=random)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
         return self.get_config(), {**inputs, "return_loss": True}
 
