@@ -9,10 +9,13 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
    Paint's stamp folder; Fashion-MNIST's garment group, with another class). The same noise type and ratio go into the
    training and the validation split (the validation data is as noisy as the training data: no clean labels assumed);
    the test split stays clean.
-3. **Tuning.** For each method, every learning rate of the setting's grid is trained with seed 0 at the tuning noise
-   (random, `tuning_ratio`, 40 %) and scored on the validation split; the best is kept for every noise level. Every
-   method gets the same grid, i.e. the same tuning budget (`clip` included: the baseline is tuned exactly like the
-   methods). Method settings other than the learning rate are `NLIPTrainingArguments` defaults.
+3. **Tuning.** For each method, at the tuning noise (random, `tuning_ratio`, 40 %) with seed 0, scored on the
+   validation split: stage 1 trains every learning rate of the setting's grid with the method's defaults; stage 2
+   trains two candidates of the method's own hyper-parameters at the best learning rate (`METHOD_CANDIDATES`: NITC's
+   λ and warm-up, NPC's clean threshold, SRCL's τ_w, the reference prior's weight; `clip` and `rcl`, which have none,
+   try the learning rate halved and doubled instead). Every method thus gets the same tuning budget (`clip`
+   included: the baseline is tuned exactly like the methods); the best validation score is kept for every noise
+   level, ties going to the defaults.
 4. **Seeds.** The chosen learning rate is trained with `--seeds` (default 0 1 2: initialisation of the heads, noise draw,
    data order) and evaluated on the test split. Cells report mean ± sample std; a method's cell is *significant* when
    its gap to `clip` exceeds both its own std and `clip`'s.
@@ -38,6 +41,7 @@ Writes `--output_dir/robustness_<setting>.json`, a plot (`.png`) and a Markdown 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -49,6 +53,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,7 @@ from trainers.evaluation.embeddings import build_zero_shot_classifier, compute_i
 from trainers.evaluation.metrics import noise_detection_metrics, retrieval_metrics, zero_shot_accuracy
 from trainers.noise.injection import inject_caption_noise
 from trainers.trainer import NLIPTrainer
+from trainers.objectives.registry import method_names, objective_class
 from trainers.training_args import NLIPTrainingArguments, parse_method
 
 DEFAULT_OUTPUT_DIR = Path(__file__).parent / "results"
@@ -235,8 +241,9 @@ def build_model(setting: Setting, captions: list[str]) -> tuple[NLIPModel, Any]:
     return NLIPModel(config), processor
 
 
-def training_arguments(setting: Setting, method: str, learning_rate: float, seed: int, output_dir: str) -> NLIPTrainingArguments:
-    return NLIPTrainingArguments(
+def training_arguments(setting: Setting, method: str, learning_rate: float, seed: int, output_dir: str,
+                       method_settings: dict[str, Any] | None = None) -> NLIPTrainingArguments:
+    options = dict(
         output_dir=output_dir,
         method=method,
         num_train_epochs=setting.epochs,
@@ -256,20 +263,54 @@ def training_arguments(setting: Setting, method: str, learning_rate: float, seed
         disable_tqdm=True,
         seed=seed,
     )
+    return NLIPTrainingArguments(**{**options, **(method_settings or {})})
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
-def evaluate(model: NLIPModel, processor, split: datasets.Dataset, data: ImageTextData) -> dict[str, Any]:
-    """Retrieval (instance level; multi-caption aware) and, with labels, zero-shot accuracy, from one embedding pass."""
+@contextlib.contextmanager
+def projections_removed(model: NLIPModel):
+    """`model` whose image / text features are the towers' pooled outputs (identity projections) inside the block."""
+    projections = model.visual_projection, model.text_projection
+    model.visual_projection = model.text_projection = torch.nn.Identity()
+    try:
+        yield model
+    finally:
+        model.visual_projection, model.text_projection = projections
+
+
+# Locked towers give every run of a setting the same pooled outputs for an evaluation split: computed once per split
+# (keyed by its datasets fingerprint, which noise injection changes), each run then applies only its projections.
+LOCKED_TOWER_OUTPUTS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def evaluate(model: NLIPModel, processor, split: datasets.Dataset, data: ImageTextData,
+             locked_towers: bool = False) -> dict[str, Any]:
+    """Retrieval (instance level; multi-caption aware) and, with labels, zero-shot accuracy, from one embedding pass.
+    `locked_towers`: the towers are the setting's locked pretrained ones, whose outputs on `split` are reused."""
     texts, owners = [], []
     for row, text in enumerate(column_values(split, "text")):
         captions = non_empty_captions(text)
         texts.extend(captions)
         owners.extend([row] * len(captions))
-    image_embeds = compute_image_embeddings(model, split, processor, batch_size=256, progress=False)
-    text_embeds = compute_text_embeddings(model, texts, processor, batch_size=256, progress=False)
+
+    def embed(embed_model: NLIPModel, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return (compute_image_embeddings(embed_model, split, processor, batch_size=256, progress=False,
+                                         normalize=normalize),
+                compute_text_embeddings(embed_model, texts, processor, batch_size=256, progress=False,
+                                        normalize=normalize))
+
+    if locked_towers:
+        if split._fingerprint not in LOCKED_TOWER_OUTPUTS:
+            with projections_removed(model):
+                LOCKED_TOWER_OUTPUTS[split._fingerprint] = embed(model, normalize=False)
+        image_pooled, text_pooled = LOCKED_TOWER_OUTPUTS[split._fingerprint]
+        with torch.no_grad():
+            image_embeds = torch.nn.functional.normalize(model.visual_projection(image_pooled), dim=-1)
+            text_embeds = torch.nn.functional.normalize(model.text_projection(text_pooled), dim=-1)
+    else:
+        image_embeds, text_embeds = embed(model, normalize=True)
     results: dict[str, Any] = {"retrieval": retrieval_metrics(image_embeds @ text_embeds.T, owners)}
     if data.label_column is not None:
         labels = torch.as_tensor(column_values(split, data.label_column))
@@ -321,10 +362,13 @@ def split_method(spec: str) -> tuple[str, bool]:
 
 def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: datasets.Dataset, method: str,
             learning_rate: float, seed: int, captions: list[str], evaluate_test: bool,
-            reference: NLIPModel | None = None, evaluate_val: bool = True) -> dict[str, Any]:
+            reference: NLIPModel | None = None, evaluate_val: bool = True,
+            method_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one configuration and score it on the validation split (and the test split); failures are recorded.
-    `method` may be `METHOD@reference`: the reference prior from `reference`."""
-    record: dict[str, Any] = {"method": method, "learning_rate": learning_rate, "seed": seed}
+    `method` may be `METHOD@reference`: the reference prior from `reference`. `method_settings`: overrides of
+    `NLIPTrainingArguments` (the method's own hyper-parameters)."""
+    record: dict[str, Any] = {"method": method, "learning_rate": learning_rate, "seed": seed,
+                              "method_settings": dict(method_settings or {})}
     start = time.perf_counter()
     try:
         base_method, with_prior = split_method(method)
@@ -333,9 +377,9 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
         with tempfile.TemporaryDirectory(prefix="nlip-robustness-") as workdir:
             set_seed(seed)
             model, processor = build_model(setting, captions)
-            args = training_arguments(setting, base_method, learning_rate, seed, workdir)
-            if with_prior:
-                args.noise_prior = "reference"
+            prior = {"noise_prior": "reference"} if with_prior else {}
+            args = training_arguments(setting, base_method, learning_rate, seed, workdir,
+                                      {**prior, **(method_settings or {})})
             trainer = NLIPTrainer(
                 model=model,
                 args=args,
@@ -358,9 +402,9 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
         record["step_time_s"] = output.metrics["train_runtime"] / max(1, output.global_step)
         record["train_loss"] = output.metrics["train_loss"]
         if evaluate_val:
-            record["val"] = evaluate(model, processor, val, splits.data)
+            record["val"] = evaluate(model, processor, val, splits.data, setting.freeze_towers)
         if evaluate_test:
-            record["test"] = evaluate(model, processor, splits.test, splits.data)
+            record["test"] = evaluate(model, processor, splits.test, splits.data, setting.freeze_towers)
             record["noise_detection"] = noise_detection(
                 trainer, train, splits.data.label_column if setting.class_captions else None
             )
@@ -373,32 +417,73 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
     return record
 
 
-def tune_learning_rate(setting: Setting, splits: Splits, method: str, seed: int, captions: list[str],
-                       reference: NLIPModel | None = None) -> dict[str, Any]:
-    """Every learning rate of the grid at the tuning noise (random, `setting.tuning_ratio`), scored on validation."""
+# Stage 2 of the tuning: each method's own hyper-parameters, two candidates beside the defaults (NLIPTrainingArguments
+# overrides). A method with none of its own (clip, rcl) refines its learning rate instead, so every method gets the
+# same number of tuning runs: len(learning_rates) + TUNING_CANDIDATES.
+METHOD_CANDIDATES: dict[str, tuple[dict[str, Any], ...]] = {
+    "nlip": ({"nitc_strength": 0.3}, {"noise_warmup_epochs": 2}),
+    "npc": ({"npc_clean_threshold": 0.7}, {"npc_clean_threshold": 0.5}),
+    "srcl": ({"srcl_weight_temperature": 0.05}, {"srcl_weight_temperature": 0.2}),
+}
+PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 0.5},)
+TUNING_CANDIDATES = 2
+
+
+def method_candidates(method: str, learning_rate: float) -> list[tuple[float, dict[str, Any]]]:
+    """The stage-2 candidates `(learning rate, settings)` of `method` at its stage-1 learning rate: the prior's
+    weight first (`@reference` with a method that uses the noise estimate), then each component's alternatives in
+    turn; padded with the learning rate halved and doubled."""
+    base, with_prior = split_method(method)
+    names = method_names(base)
+    per_component = [METHOD_CANDIDATES.get(name, ()) for name in names]
+    interleaved = [c for group in zip_longest(*per_component) for c in group if c is not None]
+    weighs_prior = with_prior and any(objective_class(name).uses_noise_estimate for name in names)
+    settings = [*(PRIOR_CANDIDATES if weighs_prior else ()), *interleaved][:TUNING_CANDIDATES]
+    candidates = [(learning_rate, candidate) for candidate in settings]
+    for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
+        candidates.append((learning_rate * factor, {}))
+    return candidates
+
+
+def tune(setting: Setting, splits: Splits, method: str, seed: int, captions: list[str],
+         reference: NLIPModel | None = None) -> dict[str, Any]:
+    """At the tuning noise (random, `setting.tuning_ratio`), seed `seed`, scored on the validation split: stage 1,
+    every learning rate of the grid with the method's defaults; stage 2, `method_candidates` at the best of them.
+    The best validation headline wins (ties: the earlier candidate, i.e. the defaults)."""
     ratio = setting.tuning_ratio
     val = noisy(splits.val, setting, "random", ratio, seed=10_000)
     train = noisy(splits.train, setting, "random", ratio, seed=seed)
+
+    def score(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        scored = [(r, _value(r, ("val", *setting.headline))) for r in runs]
+        scored = [(r, value) for r, value in scored if value is not None]
+        return max(scored, key=lambda item: item[1])[0] if scored else None
+
     runs = [run_one(setting, splits, train, val, method, learning_rate, seed, captions, evaluate_test=True,
                     reference=reference) for learning_rate in setting.learning_rates]
-    scored = [(r, _value(r, ("val", *setting.headline))) for r in runs]
-    scored = [(r, score) for r, score in scored if score is not None]
+    best = score(runs)
+    if best is not None:
+        runs += [run_one(setting, splits, train, val, method, learning_rate, seed, captions, evaluate_test=True,
+                         reference=reference, method_settings=settings)
+                 for learning_rate, settings in method_candidates(method, best["learning_rate"])]
+        best = score(runs)
     tuning = {"method": method, "noise": f"random {ratio}", "seed": seed,
-              "grid": [{"learning_rate": r["learning_rate"], "val_headline": _value(r, ("val", *setting.headline)),
-                        "error": r["error"]} for r in runs]}
-    if scored:
-        best, _ = max(scored, key=lambda item: item[1])
-        tuning.update(learning_rate=best["learning_rate"], best_run=best)
+              "grid": [{"learning_rate": r["learning_rate"], "method_settings": r["method_settings"],
+                        "val_headline": _value(r, ("val", *setting.headline)), "error": r["error"]} for r in runs]}
+    if best is not None:
+        tuning.update(learning_rate=best["learning_rate"], method_settings=best["method_settings"], best_run=best)
     else:
-        tuning.update(learning_rate=None, error="every learning rate failed: " + "; ".join(str(r["error"]) for r in runs))
+        tuning.update(learning_rate=None, method_settings=None,
+                      error="every learning rate failed: " + "; ".join(str(r["error"]) for r in runs))
     return tuning
 
 
 def run_cell(setting: Setting, splits: Splits, noise_type: str, ratio: float, method: str, seeds: list[int],
              captions: list[str], tuning: dict[str, Any], reference: NLIPModel | None = None) -> dict[str, Any]:
-    """Every seed at the method's tuned learning rate (the tuning run itself is reused for its own cell and seed)."""
+    """Every seed with the method's tuned learning rate and settings (the tuning run itself is reused for its own cell
+    and seed)."""
     cell: dict[str, Any] = {"noise_type": noise_type, "noise_ratio": ratio, "method": method,
-                            "learning_rate": tuning["learning_rate"]}
+                            "learning_rate": tuning["learning_rate"], "method_settings": tuning["method_settings"]}
     if tuning["learning_rate"] is None:
         cell.update(runs=[], error=tuning["error"])
         return cell
@@ -410,7 +495,8 @@ def run_cell(setting: Setting, splits: Splits, noise_type: str, ratio: float, me
             continue
         train = noisy(splits.train, setting, noise_type, ratio, seed=seed)
         runs.append(run_one(setting, splits, train, val, method, tuning["learning_rate"], seed, captions,
-                            evaluate_test=True, reference=reference, evaluate_val=False))
+                            evaluate_test=True, reference=reference, evaluate_val=False,
+                            method_settings=tuning["method_settings"]))
     cell["runs"] = runs
     cell["error"] = next((r["error"] for r in runs if r["error"]), None)
     return cell
@@ -544,6 +630,16 @@ def _cell_text(cell: dict[str, Any] | None, margin: dict[str, Any] | None, digit
     return text
 
 
+def _choice_text(choice: dict[str, Any]) -> str:
+    """`lr 0.001` or `lr 0.001, nitc_strength=0.3`: a tuning candidate."""
+    settings = choice.get("method_settings") or {}
+    return ", ".join([f"lr {choice['learning_rate']:g}", *(f"{key}={value:g}" for key, value in settings.items())])
+
+
+def _number(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.1f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The README tables: headline mean ± std per method and noise ratio (↑/↓: the gap to clip exceeds both stds),
     retention at 0.6, ROC-AUC at 0.4 and the step-time ratio, per noise type."""
@@ -554,7 +650,7 @@ def markdown(results: dict[str, Any]) -> str:
     for noise_type, table in results["summary"].items():
         ratios = [str(r) for r in table["ratios"]]
         lines += [f"**{setting}, {noise_type} noise** — test {name}, mean ± std over seeds (↑/↓: gap to `clip` > both stds)",
-                  "", "| method | " + " | ".join(f"noise {r}" for r in ratios) + " | retention @0.6 | ROC-AUC @0.4 | step ÷ clip | tuned lr |",
+                  "", "| method | " + " | ".join(f"noise {r}" for r in ratios) + " | retention @0.6 | ROC-AUC @0.4 | step ÷ clip | tuned |",
                   "|---" * (len(ratios) + 5) + "|"]
         for method in methods:
             row = table["tables"]["headline"].get(method, {})
@@ -562,11 +658,19 @@ def markdown(results: dict[str, Any]) -> str:
             retention = table["retention"][method].get("0.6")
             roc = table["tables"]["noise_roc_auc"].get(method, {}).get("0.4", {}).get("mean")
             steps = [v for v in table["step_time_vs_clip"][method].values() if v]
-            lrs = [f"{t['learning_rate']:g}" for t in results["tuning"] if t["method"] == method and t["learning_rate"]]
+            tuned = [_choice_text(t) for t in results["tuning"] if t["method"] == method and t["learning_rate"]]
             lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {'—' if retention is None else f'{retention:.2f}'} | "
                          f"{'—' if roc is None else f'{roc:.3f}'} | {f'{statistics.fmean(steps):.2f}' if steps else '—'} | "
-                         f"{' / '.join(lrs)} |")
+                         f"{' / '.join(tuned)} |")
         lines.append("")
+    lines += [f"Tuning record (validation {name}, random noise {results['budget']['tuning_ratio']}, seed "
+              f"{results['seeds'][0]}; **bold**: chosen):", ""]
+    for tuning in results["tuning"]:
+        entries = [f"**{_choice_text(entry)}: {_number(entry['val_headline'])}**"
+                   if entry["learning_rate"] == tuning["learning_rate"] and entry["method_settings"] == tuning["method_settings"]
+                   else f"{_choice_text(entry)}: {_number(entry['val_headline'])}" for entry in tuning["grid"]]
+        lines.append(f"- `{tuning['method']}`: " + "; ".join(entries))
+    lines.append("")
     reference = results.get("reference")
     if reference:
         value = _value(reference, ("test", *results["headline_path"]))
@@ -633,7 +737,7 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     tunings = {}
     for method in methods:
         bar.set_postfix_str(f"tuning {method}")
-        tunings[method] = tune_learning_rate(setting, splits, method, seeds[0], captions, reference)
+        tunings[method] = tune(setting, splits, method, seeds[0], captions, reference)
         bar.update()
     cells = []
     for noise_type, ratio in plan:
@@ -659,8 +763,11 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
             "optimizer": "adamw_torch", "noise_warmup_epochs": setting.noise_warmup_epochs,
             "num_train_pairs": len(splits.train), "num_val_pairs": len(splits.val), "num_test_pairs": len(splits.test),
             "freeze_towers": setting.freeze_towers,
-            "tuning": f"per method: every learning rate with seed {seeds[0]} at random noise {setting.tuning_ratio}, best "
-            "validation headline, kept for every noise level",
+            "tuning_ratio": setting.tuning_ratio,
+            "tuning": f"per method, seed {seeds[0]}, random noise {setting.tuning_ratio}, validation headline: every "
+            f"learning rate with the method's defaults, then {TUNING_CANDIDATES} candidates of its own settings at the "
+            "best (`METHOD_CANDIDATES`; the learning rate halved / doubled for a method without any); the best is "
+            "kept for every noise level",
         },
         "model": {
             "preset": setting.model_size, "from_scratch_sizes": None if setting.model is None else asdict(setting.model),

@@ -47,7 +47,7 @@ from .callbacks import TrainingScheduleCallback
 from .data.batch_skips import BatchSkips
 from .data.collator import ImageTextCollator
 from .context import TrainingContext, TrainSetPass
-from .data.pairs import SkipReport, dataset_rows
+from .data.pairs import SkipReport, dataset_rows, images_left_encoded
 from .distributed import all_gather_with_grad, gather_sizes, gather_state
 from .evaluation.embeddings import compute_embeddings, embedding_tensor
 from .feature_cache import FeatureCache, lock_towers, locked_tower_output
@@ -765,6 +765,15 @@ class NLIPTrainer(Trainer):
                                **kwargs)
         self.batch_skips.all_processes = self.batch_skips.gather()
         return result
+
+    def get_train_dataloader(self) -> DataLoader:
+        """`Trainer.get_train_dataloader`; while the collator skips the images the locked vision tower's cache holds,
+        the image column stays encoded until the collator decodes the others (no epoch decodes a cached image)."""
+        if self.train_dataset is None or getattr(self.data_collator, "is_image_cached", None) is None:
+            return super().get_train_dataloader()
+        return self._get_dataloader(dataset=images_left_encoded(self.train_dataset), description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
+                                    is_training=True)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples` over the batches that kept a pair: a batch whose every pair was invalid (a run

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from nlip_testing import load_bench_script
+from nlip_testing import load_bench_script, processor, synthetic_pairs, tiny_model
 
 from trainers.data.real_datasets import DEBIAN_SOURCES
 
@@ -50,15 +50,24 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
     # random 0 and 0.4, hard 0.4 (garment groups): 3 cells per method, each with both seeds.
     assert [(c["noise_type"], c["noise_ratio"], c["method"]) for c in results["cells"]] == [
         (t, r, m) for t, r in (("random", 0.0), ("random", 0.4), ("hard", 0.4)) for m in ("clip", "nlip")]
+    module = load_bench_script("robustness")
     tuning = {t["method"]: t for t in results["tuning"]}
     for method, record in tuning.items():  # chosen on validation at random noise 0.4, the best of the grid
-        assert [g["learning_rate"] for g in record["grid"]] == [0.002, 0.004] and record["noise"] == "random 0.4"
-        assert record["learning_rate"] == max(record["grid"], key=lambda g: g["val_headline"])["learning_rate"]
+        stage1, stage2 = record["grid"][:2], record["grid"][2:]
+        assert [(g["learning_rate"], g["method_settings"]) for g in stage1] == [(0.002, {}), (0.004, {})]
+        assert record["noise"] == "random 0.4"
+        best_lr = max(stage1, key=lambda g: g["val_headline"])["learning_rate"]
+        assert [(g["learning_rate"], g["method_settings"]) for g in stage2] == module.method_candidates(method, best_lr)
+        chosen = max(record["grid"], key=lambda g: g["val_headline"])
+        assert (record["learning_rate"], record["method_settings"]) == (chosen["learning_rate"], chosen["method_settings"])
+    assert tuning["nlip"]["grid"][2]["method_settings"] == {"nitc_strength": 0.3}
     for cell in results["cells"]:
         assert cell["error"] is None, cell["error"]
         assert cell["learning_rate"] == tuning[cell["method"]]["learning_rate"]
+        assert cell["method_settings"] == tuning[cell["method"]]["method_settings"]
         assert [run["seed"] for run in cell["runs"]] == [0, 1]
-        assert all(run["learning_rate"] == cell["learning_rate"] for run in cell["runs"])
+        assert all((run["learning_rate"], run["method_settings"]) == (cell["learning_rate"], cell["method_settings"])
+                   for run in cell["runs"])
         for run in cell["runs"]:
             assert 0.0 <= run["test"]["zero_shot"]["top1"] <= 100.0 and run["step_time_s"] > 0
             if cell["noise_ratio"] > 0:
@@ -101,3 +110,36 @@ def test_bad_arguments_are_rejected():
     ):
         with pytest.raises(SystemExit):
             module.parse_args(argv)
+
+
+def test_every_method_gets_the_same_tuning_budget():
+    """Stage 2: two candidates each, the method's own settings first (the prior's weight only where the method reads
+    the noise estimate), learning-rate refinements for a method without settings; combinations take turns."""
+    candidates = load_bench_script("robustness").method_candidates
+    assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("rcl", 1e-3)
+    assert candidates("npc", 1e-3) == [(1e-3, {"npc_clean_threshold": 0.7}), (1e-3, {"npc_clean_threshold": 0.5})]
+    assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
+    assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 0.5}), (1e-3, {"nitc_strength": 0.3})]
+    assert candidates("srcl@reference", 1e-3) == candidates("srcl", 1e-3)
+
+
+def test_locked_tower_evaluation_reuses_tower_outputs():
+    """With locked towers, evaluation computes a split's pooled tower outputs once and then applies only the projections:
+    the same retrieval figures as the full pass, for a model with other projections too; a changed split (other
+    captions: another datasets fingerprint) gets its own outputs."""
+    module = load_bench_script("robustness")
+    data = synthetic_pairs(12)
+    pairs = module.ImageTextData(name="synthetic", train=data, eval=data)
+    first, second = tiny_model(seed=0), tiny_model(seed=0)
+    torch.nn.init.normal_(second.visual_projection.weight)
+    module.LOCKED_TOWER_OUTPUTS.clear()
+    figures = []
+    for model in (first, second):
+        cached = module.evaluate(model, processor(), data, pairs, locked_towers=True)["retrieval"]
+        assert cached == pytest.approx(module.evaluate(model, processor(), data, pairs)["retrieval"])
+        figures.append(cached)
+    assert figures[0] != figures[1]  # the second model's own projection was applied
+    assert list(module.LOCKED_TOWER_OUTPUTS) == [data._fingerprint]
+    shuffled = data.map(lambda row, i: {"text": data[(i + 1) % 12]["text"]}, with_indices=True)
+    module.evaluate(first, processor(), shuffled, pairs, locked_towers=True)
+    assert len(module.LOCKED_TOWER_OUTPUTS) == 2

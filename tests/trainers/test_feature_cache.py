@@ -143,16 +143,21 @@ def test_cached_images_are_not_decoded_again(tmp_path, monkeypatch):
     later epochs batch zeros in its place, and training is identical to the run that decodes every epoch."""
     import trainers.data.collator as collator_module
 
-    decoded = []
-    real_decode = collator_module.decode_image
+    decoded, decoded_by_datasets = [], []
+    real_decode, real_datasets_decode = collator_module.decode_image, datasets.Image.decode_example
     monkeypatch.setattr(collator_module, "decode_image", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    monkeypatch.setattr(datasets.Image, "decode_example",
+                        lambda self, *a, **k: decoded_by_datasets.append(1) or real_datasets_decode(self, *a, **k))
     data = synthetic_pairs(NUM_PAIRS)
+    assert data.features["image"].decode
     cached = train(tmp_path, data, "memory")
-    assert len(decoded) == NUM_PAIRS  # the first epoch only
-    assert cached[0].data_collator.is_image_cached is not None
+    # The first epoch only, and by the collator: the training loader leaves the image column encoded.
+    assert len(decoded) == NUM_PAIRS and decoded_by_datasets == []
+    assert cached[0].data_collator.is_image_cached is not None and cached[0].train_dataset.features["image"].decode
     decoded.clear()
     plain = train(tmp_path, data, "none")
-    assert len(decoded) == EPOCHS * NUM_PAIRS and plain[0].data_collator.is_image_cached is None
+    assert len(decoded) == len(decoded_by_datasets) == EPOCHS * NUM_PAIRS
+    assert plain[0].data_collator.is_image_cached is None
     assert_same_training(cached, plain)
     # A batch of cached and uncached examples: real pixels for the uncached ones, zeros for the others.
     collator = ImageTextCollator(processor(), is_image_cached=lambda index: index % 2 == 0)

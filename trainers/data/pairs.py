@@ -221,6 +221,16 @@ def decode_image(
     return image, None, ""
 
 
+def images_left_encoded(dataset: Any, column: str = "image") -> Any:
+    """`dataset` with its `datasets.Image` column left encoded (`{"bytes", "path"}` dicts, which `decode_image`
+    reads), so that a collator decodes only the images it needs; any other dataset is returned as it is."""
+    features = getattr(dataset, "features", None)
+    feature = features.get(column) if features else None
+    if not isinstance(feature, datasets.Image) or not feature.decode:
+        return dataset
+    return dataset.cast_column(column, datasets.Image(decode=False))
+
+
 def non_empty_captions(text: Any) -> list[str]:
     """The captions of a `text` value (a str or a list of str) that are non-empty after stripping whitespace."""
     captions = text if isinstance(text, (list, tuple)) else [text]
