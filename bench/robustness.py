@@ -32,7 +32,8 @@ Settings:
 - `fashion_mnist`: from scratch (small ViT + CLIP text transformer), class-template captions, zero-shot accuracy; the
   budget (pairs x epochs) is where `clip`'s clean accuracy stops improving (`--budget_sweep`; the README states it).
 
-Writes `--output_dir/robustness_<setting>.json`, a plot (`.png`) and a Markdown table (`.md`, pasted into the README).
+Writes `--output_dir/robustness_<setting>.json`, a plot (`.png`) and a Markdown table (`.md`, pasted into the README);
+while it runs, `robustness_<setting>.partial.json` holds every finished tuning and cell (removed at the end).
 
     python bench/robustness.py --setting pretrained_tuxpaint
     python bench/robustness.py --setting fashion_mnist --quick
@@ -425,7 +426,8 @@ METHOD_CANDIDATES: dict[str, tuple[dict[str, Any], ...]] = {
     "npc": ({"npc_clean_threshold": 0.7}, {"npc_clean_threshold": 0.5}),
     "srcl": ({"srcl_weight_temperature": 0.05}, {"srcl_weight_temperature": 0.2}),
 }
-PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 0.5},)
+# The prior's weight: the default (0.5) was chosen from these runs with 1.0 as the default and 0.5 the candidate.
+PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 1.0},)
 TUNING_CANDIDATES = 2
 
 
@@ -547,9 +549,21 @@ CELL_FIGURES = {
 }
 
 
+def paired_gap(cell: dict[str, Any], clip_cell: dict[str, Any], path: tuple[str, ...]) -> dict[str, float | int | None]:
+    """Mean ± std over seeds of the method's headline minus `clip`'s with the same seed (the same noise draw and data
+    order), which removes the spread the two runs share."""
+    clip_by_seed = {run["seed"]: _value(run, path) for run in clip_cell.get("runs", [])}
+    gaps = []
+    for run in cell.get("runs", []):
+        value, base = _value(run, path), clip_by_seed.get(run["seed"])
+        if value is not None and base is not None:
+            gaps.append(value - base)
+    return mean_std(gaps)
+
+
 def summarise(setting: Setting, cells: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per noise type: `{figure: {method: {ratio: mean/std/n}}}`, margins over clip with significance, retention and
-    step-time ratios."""
+    """Per noise type: `{figure: {method: {ratio: mean/std/n}}}`, margins over clip with significance (and the paired
+    per-seed gap), retention and step-time ratios."""
     figures = {**CELL_FIGURES, "headline": ("test", *setting.headline)}
     summary: dict[str, Any] = {}
     for noise_type in NOISE_TYPES:
@@ -575,7 +589,9 @@ def summarise(setting: Setting, cells: list[dict[str, Any]], methods: list[str])
                     margins[method][ratio] = None
                     continue
                 gap = cell["mean"] - base["mean"]
-                margins[method][ratio] = {"margin": gap, "significant": abs(gap) > cell["std"] and abs(gap) > base["std"]}
+                margins[method][ratio] = {"margin": gap, "significant": abs(gap) > cell["std"] and abs(gap) > base["std"],
+                                          "paired": paired_gap(by_key[(method, float(ratio))], by_key[("clip", float(ratio))],
+                                                               figures["headline"])}
             clean = row.get("0.0", {}).get("mean")
             retention[method] = {ratio: (cell["mean"] / clean if clean and cell["mean"] is not None else None)
                                  for ratio, cell in row.items()}
@@ -636,6 +652,12 @@ def _choice_text(choice: dict[str, Any]) -> str:
     return ", ".join([f"lr {choice['learning_rate']:g}", *(f"{key}={value:g}" for key, value in settings.items())])
 
 
+def _gap_text(gap: dict[str, Any] | None) -> str:
+    if not gap or gap.get("mean") is None:
+        return "—"
+    return f"{gap['mean']:+.1f} ± {gap['std']:.1f}"
+
+
 def _number(value: float | None) -> str:
     return "failed" if value is None else f"{value:.1f}"
 
@@ -662,6 +684,17 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {'—' if retention is None else f'{retention:.2f}'} | "
                          f"{'—' if roc is None else f'{roc:.3f}'} | {f'{statistics.fmean(steps):.2f}' if steps else '—'} | "
                          f"{' / '.join(tuned)} |")
+        lines.append("")
+    for noise_type, table in results["summary"].items():
+        ratios = [str(r) for r in table["ratios"] if r > 0]
+        lines += [f"Paired gap to `clip`, {noise_type} noise (test {name}, method − `clip` with the same seed, i.e. the "
+                  "same noise draw and data order; mean ± std over seeds):", "",
+                  "| method | " + " | ".join(f"noise {r}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+        for method in methods:
+            if method == "clip":
+                continue
+            gaps = [(table["margin_over_clip"][method].get(r) or {}).get("paired") for r in ratios]
+            lines.append(f"| `{method}` | " + " | ".join(_gap_text(gap) for gap in gaps) + " |")
         lines.append("")
     lines += [f"Tuning record (validation {name}, random noise {results['budget']['tuning_ratio']}, seed "
               f"{results['seeds'][0]}; **bold**: chosen):", ""]
@@ -715,8 +748,19 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def save_partial(path: Path | None, tunings: dict[str, Any], cells: list[dict[str, Any]]) -> None:
+    """The runs finished so far (tuning records and cells), rewritten after each: a killed run keeps them."""
+    if path is None:
+        return
+    done = {"partial": True, "tuning": [{k: v for k, v in t.items() if k != "best_run"} for t in tunings.values()],
+            "cells": cells}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite_or_none(done, "", []), indent=2, allow_nan=False) + "\n")
+
+
 def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int], noise_types: list[str],
-        threads: int, progress: bool) -> dict[str, Any]:
+        threads: int, progress: bool, partial_path: Path | None = None) -> dict[str, Any]:
+    """The whole table; `partial_path` receives the finished runs after each method's tuning and each cell."""
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -738,12 +782,14 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     for method in methods:
         bar.set_postfix_str(f"tuning {method}")
         tunings[method] = tune(setting, splits, method, seeds[0], captions, reference)
+        save_partial(partial_path, tunings, [])
         bar.update()
     cells = []
     for noise_type, ratio in plan:
         for method in methods:
             bar.set_postfix_str(f"{noise_type} {ratio} {method}")
             cells.append(run_cell(setting, splits, noise_type, ratio, method, seeds, captions, tunings[method], reference))
+            save_partial(partial_path, tunings, cells)
             bar.update()
     bar.close()
     summary = summarise(setting, cells, methods)
@@ -823,6 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget_sweep", action="store_true",
                         help="instead of the table: clean clip at each (pairs, epochs) of BUDGET_GRID, to pick the budget")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--render", action="store_true",
+                        help="train nothing: recompute the summary of --output_dir's JSON and rewrite it, the plot and "
+                        "the Markdown table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if "clip" not in args.methods:
@@ -886,17 +935,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(record["max_train_samples"], record["epochs"], _value(record, ("val", *setting.headline)),
                   _value(record, ("test", *setting.headline)), record["error"])
         return results
-    results = run(args.setting, setting, list(args.methods), list(args.seeds), list(args.noise_types), args.threads,
-                  not args.no_progress)
-    results["quick"] = args.quick
-    results["command"] = " ".join(["python bench/robustness.py", *(sys.argv[1:] if argv is None else argv)])
+    output = args.output_dir / f"robustness_{args.setting}.json"
+    partial = output.with_suffix(".partial.json")
+    if args.render:
+        if not output.exists():
+            raise SystemExit(f"--render: {output} does not exist; run the benchmark first")
+        results = json.loads(output.read_text())
+        setting = replace(setting, headline=tuple(results["headline_path"]))
+        results["summary"] = summarise(setting, results["cells"], results["methods"])
+        results["targets"] = targets(results["summary"], results["methods"])
+        results["budget"].setdefault("tuning_ratio", setting.tuning_ratio)
+    else:
+        results = run(args.setting, setting, list(args.methods), list(args.seeds), list(args.noise_types),
+                      args.threads, not args.no_progress, partial)
+        results["quick"] = args.quick
+        results["command"] = " ".join(["python bench/robustness.py", *(sys.argv[1:] if argv is None else argv)])
     non_finite: list[str] = []
     results = finite_or_none(results, "", non_finite)
     results["non_finite_values"] = non_finite
     text = json.dumps(results, indent=2, allow_nan=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    output = args.output_dir / f"robustness_{args.setting}.json"
     output.write_text(text + "\n")
+    partial.unlink(missing_ok=True)
     plot(results, output.with_suffix(".png"))
     table = markdown(results)
     output.with_suffix(".md").write_text(table + "\n")

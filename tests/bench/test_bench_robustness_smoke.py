@@ -43,6 +43,7 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
         torch.set_num_threads(threads)
     output = tmp_path / "robustness_fashion_mnist.json"
     assert json.loads(output.read_text()) == results
+    assert not (tmp_path / "robustness_fashion_mnist.partial.json").exists()  # the finished runs' record while running
     assert output.with_suffix(".png").stat().st_size > 0 and "| `nlip` |" in output.with_suffix(".md").read_text()
     assert results["non_finite_values"] == [] and all(math.isfinite(v) for _, v in numbers(results))
     budget = results["budget"]
@@ -88,6 +89,16 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
     clean = table["tables"]["headline"]["nlip"]["0.0"]["mean"]
     assert table["retention"]["nlip"]["0.4"] == pytest.approx(summary["mean"] / clean)
     assert results["targets"]["best_method"] == "nlip"
+    clip_cell = next(c for c in results["cells"] if c["method"] == "clip" and c["noise_ratio"] == 0.4 and c["noise_type"] == "random")
+    gaps = [run["test"]["zero_shot"]["top1"] - base["test"]["zero_shot"]["top1"]
+            for run, base in zip(nlip_cell["runs"], clip_cell["runs"], strict=True)]
+    assert margin["paired"]["mean"] == pytest.approx(statistics.fmean(gaps))
+    assert margin["paired"]["std"] == pytest.approx(statistics.stdev(gaps))
+    # --render recomputes the summary from the JSON alone and writes the same table.
+    table = output.with_suffix(".md").read_text()
+    output.with_suffix(".md").unlink()
+    rendered = module.main([*argv, "--render"])
+    assert rendered["summary"] == results["summary"] and output.with_suffix(".md").read_text() == table
 
 
 def test_summary_statistics():
@@ -119,7 +130,7 @@ def test_every_method_gets_the_same_tuning_budget():
     assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("rcl", 1e-3)
     assert candidates("npc", 1e-3) == [(1e-3, {"npc_clean_threshold": 0.7}), (1e-3, {"npc_clean_threshold": 0.5})]
     assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
-    assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 0.5}), (1e-3, {"nitc_strength": 0.3})]
+    assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}), (1e-3, {"nitc_strength": 0.3})]
     assert candidates("srcl@reference", 1e-3) == candidates("srcl", 1e-3)
 
 
