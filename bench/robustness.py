@@ -699,9 +699,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"Tuning record (validation {name}, random noise {results['budget']['tuning_ratio']}, seed "
               f"{results['seeds'][0]}; **bold**: chosen):", ""]
     for tuning in results["tuning"]:
-        entries = [f"**{_choice_text(entry)}: {_number(entry['val_headline'])}**"
-                   if entry["learning_rate"] == tuning["learning_rate"] and entry["method_settings"] == tuning["method_settings"]
-                   else f"{_choice_text(entry)}: {_number(entry['val_headline'])}" for entry in tuning["grid"]]
+        entries = []
+        for entry in tuning["grid"]:
+            text = f"{_choice_text(entry)}: {_number(entry['val_headline'])}"
+            chosen = (entry["learning_rate"], entry["method_settings"]) == (tuning["learning_rate"], tuning["method_settings"])
+            entries.append(f"**{text}**" if chosen else text)
         lines.append(f"- `{tuning['method']}`: " + "; ".join(entries))
     lines.append("")
     reference = results.get("reference")
@@ -754,8 +756,7 @@ def save_partial(path: Path | None, tunings: dict[str, Any], cells: list[dict[st
         return
     done = {"partial": True, "tuning": [{k: v for k, v in t.items() if k != "best_run"} for t in tunings.values()],
             "cells": cells}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_or_none(done, "", []), indent=2, allow_nan=False) + "\n")
+    write_strict_json(path, done)
 
 
 def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int], noise_types: list[str],
@@ -923,14 +924,17 @@ def finite_or_none(value: Any, path: str, non_finite: list[str]) -> Any:
     return value
 
 
+def write_strict_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite_or_none(value, "", []), indent=2, allow_nan=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setting = resolve_setting(args)
     if args.budget_sweep:
         results = budget_sweep(args.setting, setting, args.threads, not args.no_progress)
-        text = json.dumps(finite_or_none(results, "", []), indent=2, allow_nan=False)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / f"robustness_budget_{args.setting}.json").write_text(text + "\n")
+        write_strict_json(args.output_dir / f"robustness_budget_{args.setting}.json", results)
         for record in results["runs"]:
             print(record["max_train_samples"], record["epochs"], _value(record, ("val", *setting.headline)),
                   _value(record, ("test", *setting.headline)), record["error"])

@@ -16,6 +16,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .pairs import images_left_encoded
+
 FINGERPRINT_VERSION = 1
 _BATCH = 4096
 
@@ -33,7 +35,7 @@ def _keys(dataset: datasets.Dataset) -> tuple[np.ndarray, list[str]]:
     column, how = _key_column(dataset)
     table = dataset.select_columns(["index", column])
     if how == "image":
-        table = table.cast_column("image", datasets.Image(decode=False))
+        table = images_left_encoded(table)
     indices, keys = [], []
     for batch in table.with_format("arrow").iter(batch_size=_BATCH):
         indices.append(batch.column("index").to_numpy(zero_copy_only=False))
