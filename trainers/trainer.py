@@ -208,7 +208,7 @@ class NLIPTrainer(Trainer):
                 )
             state = NoiseState(
                 0, growable=True, max_fit_samples=args.gmm_max_fit_samples,
-                max_noisy_fraction=args.noise_max_noisy_fraction, seed=args.seed,
+                max_noisy_fraction=args.noise_max_noisy_fraction, loss_momentum=args.noise_loss_momentum, seed=args.seed,
             )
             return None, NoiseTracker(state, None, args, pass_features=pass_features)
         columns = getattr(dataset, "column_names", None)
@@ -233,7 +233,7 @@ class NLIPTrainer(Trainer):
             )
         state = NoiseState(
             num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
-            seed=args.seed,
+            loss_momentum=args.noise_loss_momentum, seed=args.seed,
         )
         present = torch.zeros(num_samples, dtype=torch.bool)
         present[torch.from_numpy(indices)] = True

@@ -100,6 +100,14 @@ class NLIPTrainingArguments(TrainingArguments):
             "pair is then treated as clean until the next fit, and the reason is logged). 1.0 trusts every fit."
         },
     )
+    noise_loss_momentum: float = field(
+        default=0.0,
+        metadata={
+            "help": "What the noise-estimation mixture is fit on. 0: each pair's latest loss (NLIP, NPC). m in (0, 1): "
+            "an exponential moving average over the fits (epochs), L̄ ← m·L̄ + (1 − m)·L, which averages out how a "
+            "pair's loss depends on the negatives its batch happened to hold."
+        },
+    )
     srcl_reference_model: str | None = field(
         default=None,
         metadata={
@@ -227,6 +235,8 @@ class NLIPTrainingArguments(TrainingArguments):
             raise ValueError("`noise_prior_model` is set but `noise_prior` is not 'reference': it would be unused.")
         if not 0.0 <= self.noise_prior_weight <= 1.0:
             raise ValueError(f"`noise_prior_weight` must be in [0, 1]; got {self.noise_prior_weight}.")
+        if not 0.0 <= self.noise_loss_momentum < 1.0:
+            raise ValueError(f"`noise_loss_momentum` must be in [0, 1); got {self.noise_loss_momentum}.")
         if not 0.0 < self.noise_max_noisy_fraction <= 1.0:
             raise ValueError(f"`noise_max_noisy_fraction` must be in (0, 1]; got {self.noise_max_noisy_fraction}.")
         if self.srcl_weight_temperature <= 0:

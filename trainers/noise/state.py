@@ -30,8 +30,10 @@ NOISE_STATE_JSON = f"{NOISE_STATE_NAME}.json"
 # 2: adds `data_fingerprint` and the batch-time skip counts. Version 1 states still load (their data cannot be verified).
 # 3: NPC's memory bank and noise completion's captions move to their objectives' files; states of versions 1-2 still
 # load, and their methods' part is handed to the objectives (`legacy_objective_state`).
-_SCHEMA_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+# 4: adds the averaged losses of the latest fit (`fit_losses`, with `loss_momentum` > 0) and the step they reach;
+# states of versions 1-3 load without them (an average then starts at the next fit).
+_SCHEMA_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 _REQUIRED_METADATA = ("growable", "estimator", "prepared_epoch", "num_fits", "last_fit_epoch", "statistics",
                       "estimate_summary")
 _LEGACY_METADATA = ("memory_epoch", "completion_epoch", "synthetic_captions")
@@ -48,11 +50,18 @@ class NoiseState:
         num_samples: the largest dataset `index` + 1.
         growable: streaming data of unknown size: the bank and the noise probabilities grow with the indices seen.
         max_fit_samples: the most losses the mixture is fit on.
+        max_noisy_fraction: a fit that calls more than this fraction noisy is not used (`CleanProbabilityEstimator`).
+        loss_momentum: what the mixture is fit on. 0: each pair's latest loss. `m` in (0, 1): an exponential moving
+            average over the fits, `L̄_i ← m·L̄_i + (1 − m)·L_i` for every pair whose loss was recorded since the
+            previous fit (its first loss starts the average), which smooths out how a pair's InfoNCE loss depends on
+            the negatives its batch happened to hold.
         seed: seed of the mixture fit's subsample and initialisation.
 
     Attributes:
         loss_bank: latest per-sample plain InfoNCE loss `CE_i`.
         estimator: the 2-component GMM over the loss bank (`CleanProbabilityEstimator`).
+        fit_losses: with `loss_momentum` > 0, the averaged losses the latest fit used (NaN: never seen); else None.
+        fit_losses_step: the latest loss-bank step included in `fit_losses` (-1 before any).
         prepared_epoch: the last epoch whose epoch-start actions (pass, fit, the objectives' epoch work) ran; a run
             resumed in the middle of that epoch does not repeat them.
         num_fits: how many times the mixture was fit; `last_fit_epoch`: the epoch of the latest fit (None before).
@@ -73,9 +82,15 @@ class NoiseState:
         growable: bool = False,
         max_fit_samples: int = 100_000,
         max_noisy_fraction: float = 0.9,
+        loss_momentum: float = 0.0,
         seed: int = 0,
     ):
+        if not 0.0 <= loss_momentum < 1.0:
+            raise ValueError(f"`loss_momentum` must be in [0, 1); got {loss_momentum}.")
         self.loss_bank = LossBank(num_samples, growable=growable)
+        self.loss_momentum = loss_momentum
+        self.fit_losses: torch.Tensor | None = None
+        self.fit_losses_step = -1
         self.estimator = CleanProbabilityEstimator(
             max_fit_samples=max_fit_samples, max_noisy_fraction=max_noisy_fraction, seed=seed
         )
@@ -136,9 +151,25 @@ class NoiseState:
         values[known] = table[cpu[known]]
         return values.to(indices.device)
 
+    def losses_to_fit(self) -> torch.Tensor:
+        """The per-pair losses the next fit uses: the latest ones, or (`loss_momentum` > 0) their running average
+        updated with every loss recorded since the previous fit, which it becomes."""
+        latest = self.loss_bank.losses
+        if self.loss_momentum == 0.0:
+            return latest
+        previous = torch.full_like(latest, float("nan"))
+        if self.fit_losses is not None:
+            previous[: self.fit_losses.shape[0]] = self.fit_losses
+        new = self.loss_bank.steps > self.fit_losses_step
+        average = torch.where(previous.isnan(), latest, self.loss_momentum * previous + (1 - self.loss_momentum) * latest)
+        self.fit_losses = torch.where(new, average, previous)
+        if self.loss_bank.seen.any():
+            self.fit_losses_step = int(self.loss_bank.steps.max())
+        return self.fit_losses
+
     def fit(self, epoch: int) -> NoiseEstimate:
-        """Fit the mixture to the loss bank and replace the noise probabilities with its posterior."""
-        estimate = self.estimator.fit(self.loss_bank.losses)
+        """Fit the mixture to the loss bank (`losses_to_fit`) and replace the noise probabilities with its posterior."""
+        estimate = self.estimator.fit(self.losses_to_fit())
         self._noise_prob = torch.from_numpy(np.ascontiguousarray(estimate.noise_prob, dtype=np.float32))
         self.num_fits += 1
         self.last_fit_epoch = epoch
@@ -178,6 +209,8 @@ class NoiseState:
         """`(tensors, metadata)`: safetensors-compatible tensors and JSON-serialisable values."""
         tensors = {f"loss_bank.{name}": value for name, value in self.loss_bank.state_dict().items()}
         tensors["noise_prob"] = self.noise_prob.clone()
+        if self.fit_losses is not None:
+            tensors["fit_losses"] = self.fit_losses.clone()
         prior = None
         if self.reference_prior is not None:
             prior_state = self.reference_prior.state_dict()
@@ -198,6 +231,7 @@ class NoiseState:
             "data_fingerprint": self.data_fingerprint,
             "batch_skips": self.batch_skips,
             "reference_prior": prior,
+            "fit_losses_step": self.fit_losses_step,
         }
         return tensors, metadata
 
@@ -232,6 +266,11 @@ class NoiseState:
             found = ", ".join(f"{name} {tuple(tensors[name].shape)}" for name in lengths)
             raise NoiseStateError(f"{where}: the per-sample tensors must be 1-D of one length; found {found}.")
         size = lengths["noise_prob"]
+        fit_losses = tensors.get("fit_losses")
+        if fit_losses is not None and (fit_losses.ndim != 1 or fit_losses.shape[0] > size):
+            raise NoiseStateError(
+                f"{where}: fit_losses of shape {tuple(fit_losses.shape)} for {size} per-sample entries."
+            )
         if expected_num_samples is not None and not metadata["growable"] and size != expected_num_samples:
             raise NoiseStateError(
                 f"{where}: holds {size} per-sample entries but the training data has {expected_num_samples} indices "
@@ -266,6 +305,8 @@ class NoiseState:
         self.batch_skips = list(metadata.get("batch_skips") or [])
         self.reference_prior = prior
         self.prior_weight = 1.0 if prior_metadata is None else float(prior_metadata["weight"])
+        self.fit_losses = None if fit_losses is None else fit_losses.to(torch.float32).clone()
+        self.fit_losses_step = int(metadata.get("fit_losses_step", -1))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `nlip_noise_state.safetensors` and `nlip_noise_state.json` into `directory`."""

@@ -1,0 +1,41 @@
+"""Smoke test of `bench/noise_fit.py`: every fitting choice runs with its settings on the validation split only, and
+the summary and the choice follow from the runs."""
+
+import json
+import statistics
+
+import torch
+from nlip_testing import load_bench_script
+from test_bench_robustness_smoke import needs_package
+
+
+@needs_package("fashion_mnist")
+def test_fashion_mnist_quick_run_compares_the_fitting_choices(tmp_path):
+    threads = torch.get_num_threads()
+    argv = ["--settings", "fashion_mnist", "--quick", "--ratios", "0.4", "--seeds", "0", "1", "--no-progress",
+            "--output_dir", str(tmp_path)]
+    try:
+        results = load_bench_script("noise_fit").main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "noise_fit.json").read_text()) == results
+    assert (tmp_path / "noise_fit.png").stat().st_size > 0
+    (block,) = results["settings"]
+    assert block["tuned_from"] == "the grid's middle learning rate" and block["learning_rate"] == 0.004
+    assert [(c["variant"], c["settings"]) for c in block["cells"]] == [
+        ("latest", {}), ("average 0.5", {"noise_loss_momentum": 0.5}), ("average 0.8", {"noise_loss_momentum": 0.8}),
+        ("first fit", {"gmm_refit_epochs": 2}),
+    ]
+    for cell in block["cells"]:
+        assert [r["seed"] for r in cell["runs"]] == [0, 1]
+        for run in cell["runs"]:
+            assert run["error"] is None and "test" not in run  # the test split is never evaluated
+            assert run["method"] == "nlip" and run["method_settings"] == cell["settings"]
+            assert len(run["noise_roc_auc_by_epoch"]) == 1  # 2 epochs, the first one the warm-up
+        values = [run["val"]["zero_shot"]["top1"] for run in cell["runs"]]
+        assert cell["summary"]["val_headline"]["mean"] == statistics.fmean(values)
+        assert cell["summary"]["roc_auc_by_epoch"] == [
+            statistics.fmean(run["noise_roc_auc_by_epoch"][0] for run in cell["runs"])]
+    best = max(block["cells"], key=lambda c: c["summary"]["val_headline"]["mean"])
+    assert block["best_on_validation"]["0.4"] == best["variant"]
+    assert f"| 0.4 | **{best['variant']}** |" in (tmp_path / "noise_fit.md").read_text()

@@ -1,0 +1,101 @@
+"""`NoiseState`: what the mixture is fit on (the latest losses, or their average over the fits) and its round trip."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.evaluation.metrics import noise_detection_metrics
+from trainers.noise.state import NoiseState, NoiseStateError
+
+
+def _record(state, losses, step):
+    state.record(torch.arange(len(losses)), torch.tensor(losses, dtype=torch.float32), step=step)
+
+
+def test_latest_losses_are_fit_without_momentum():
+    state = NoiseState(3)
+    _record(state, [1.0, 2.0, 3.0], step=0)
+    assert torch.equal(state.losses_to_fit(), torch.tensor([1.0, 2.0, 3.0]))
+    assert state.fit_losses is None
+
+
+def test_average_over_fits_follows_the_formula():
+    state = NoiseState(4, loss_momentum=0.75)
+    state.record(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 4.0]), step=0)
+    first = state.losses_to_fit()  # the first loss of a pair starts its average; index 3 was never seen
+    assert torch.equal(first[:3], torch.tensor([1.0, 2.0, 4.0])) and math.isnan(first[3])
+    state.record(torch.tensor([0, 1, 3]), torch.tensor([3.0, 2.0, 8.0]), step=1)  # index 2 not seen since the fit
+    second = state.losses_to_fit()
+    expected = torch.tensor([0.75 * 1 + 0.25 * 3, 2.0, 4.0, 8.0])
+    torch.testing.assert_close(second, expected, rtol=0, atol=1e-7)
+    assert state.fit_losses_step == 1
+    # No new loss since the previous fit: the next fit (e.g. at the end of training) uses the same average.
+    torch.testing.assert_close(state.losses_to_fit(), expected, rtol=0, atol=1e-7)
+
+
+def test_a_state_pass_at_the_fit_step_counts_once():
+    """In `pass` mode every loss of a fit is recorded at the epoch's first step; the next pass at a later step."""
+    state = NoiseState(2, loss_momentum=0.5)
+    _record(state, [1.0, 3.0], step=4)
+    state.fit(epoch=1)
+    _record(state, [3.0, 1.0], step=8)
+    state.fit(epoch=2)
+    torch.testing.assert_close(state.fit_losses, torch.tensor([2.0, 2.0]))
+
+
+def test_averaging_separates_noisy_pairs_better_than_the_latest_loss():
+    """Per-pair losses that scatter from epoch to epoch (the batch's negatives) around a lower clean mean: the
+    averaged losses rank the noisy pairs better, and the mixture fit on them detects more of them."""
+    rng = np.random.default_rng(0)
+    is_noisy = rng.random(2000) < 0.4
+    latest, averaged = NoiseState(2000), NoiseState(2000, loss_momentum=0.8)
+    for epoch in range(6):
+        losses = np.where(is_noisy, 2.0, 1.0) + rng.normal(0.0, 0.8, 2000)
+        for state in (latest, averaged):
+            _record(state, losses.tolist(), step=epoch)
+            state.fit(epoch)
+    truth = torch.from_numpy(is_noisy)
+    latest_auc = noise_detection_metrics(latest.noise_prob, truth)["roc_auc"]
+    averaged_auc = noise_detection_metrics(averaged.noise_prob, truth)["roc_auc"]
+    assert latest_auc < 0.85 and averaged_auc > 0.93, (latest_auc, averaged_auc)
+
+
+def test_the_average_survives_a_round_trip():
+    state = NoiseState(3, loss_momentum=0.5)
+    _record(state, [1.0, 2.0, 3.0], step=0)
+    state.fit(epoch=1)
+    tensors, metadata = state.state_dict()
+    assert metadata["schema_version"] == 4 and metadata["fit_losses_step"] == 0
+    restored = NoiseState(3, loss_momentum=0.5)
+    restored.load_state_dict(tensors, metadata, expected_num_samples=3)
+    for each in (state, restored):
+        _record(each, [3.0, 2.0, 1.0], step=1)
+        each.fit(epoch=2)
+    torch.testing.assert_close(restored.fit_losses, state.fit_losses)
+    torch.testing.assert_close(restored.noise_prob, state.noise_prob)
+
+
+def test_a_state_of_schema_3_loads_without_an_average():
+    state = NoiseState(3)
+    _record(state, [1.0, 2.0, 3.0], step=0)
+    tensors, metadata = state.state_dict()
+    metadata = {**metadata, "schema_version": 3}
+    metadata.pop("fit_losses_step")
+    restored = NoiseState(3, loss_momentum=0.5)
+    restored.load_state_dict(tensors, metadata)
+    assert restored.fit_losses is None and restored.fit_losses_step == -1
+    torch.testing.assert_close(restored.losses_to_fit(), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_bad_momentum_and_bad_average_are_named():
+    with pytest.raises(ValueError, match=r"`loss_momentum` must be in \[0, 1\); got 1.0"):
+        NoiseState(3, loss_momentum=1.0)
+    state = NoiseState(3, loss_momentum=0.5)
+    _record(state, [1.0, 2.0, 3.0], step=0)
+    state.fit(epoch=1)
+    tensors, metadata = state.state_dict()
+    tensors["fit_losses"] = torch.zeros(5)
+    with pytest.raises(NoiseStateError, match=r"the state: fit_losses of shape \(5,\) for 3 per-sample entries"):
+        NoiseState(3).load_state_dict(tensors, metadata, where="the state")
