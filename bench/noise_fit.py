@@ -15,7 +15,7 @@ epoch by epoch, against the injected noise, and the final estimate's ROC-AUC (al
 captions are class templates). Only the validation split and the training split's injected mask are read: the test
 split is never evaluated. JSON, a Markdown table and a plot go to `bench/results/noise_fit.*`.
 
-    python bench/noise_fit.py --threads 2                      # the three settings (about 25 min on 2 cores)
+    python bench/noise_fit.py --settings pretrained_tuxpaint pretrained_emoji  # 23 min on 1 thread
     python bench/noise_fit.py --settings fashion_mnist --quick  # a smoke run
 """
 
