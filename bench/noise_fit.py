@@ -63,24 +63,17 @@ def tuned(setting_name: str, setting: robustness.Setting, results_dir: Path) -> 
     return setting.learning_rates[len(setting.learning_rates) // 2], {}, "the grid's middle learning rate"
 
 
-def _mean_std(values: list[float]) -> dict[str, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarise(runs: list[dict[str, Any]], headline: tuple[str, ...]) -> dict[str, Any]:
     """Per variant: validation headline, mean per-epoch ROC-AUC and final ROC-AUCs (mean ± std over seeds), and the
     per-epoch ROC-AUC averaged over seeds."""
     by_epoch = [r["noise_roc_auc_by_epoch"] for r in runs if r.get("noise_roc_auc_by_epoch")]
     detection = [r.get("noise_detection") or {} for r in runs]
     return {
-        "val_headline": _mean_std([robustness.value_at(r, ("val", *headline)) for r in runs]),
-        "mean_epoch_roc_auc": _mean_std([statistics.fmean(e) for e in by_epoch]),
+        "val_headline": robustness.mean_std([robustness.value_at(r, ("val", *headline)) for r in runs]),
+        "mean_epoch_roc_auc": robustness.mean_std([statistics.fmean(e) for e in by_epoch]),
         "roc_auc_by_epoch": [statistics.fmean(column) for column in zip(*by_epoch)] if by_epoch else [],
-        "final_roc_auc": _mean_std([d.get("roc_auc") for d in detection]),
-        "final_semantic_roc_auc": _mean_std([d.get("semantic_roc_auc") for d in detection]),
+        "final_roc_auc": robustness.mean_std([d.get("roc_auc") for d in detection]),
+        "final_semantic_roc_auc": robustness.mean_std([d.get("semantic_roc_auc") for d in detection]),
         "errors": [r["error"] for r in runs if r["error"]],
     }
 
@@ -205,14 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "quick": args.quick, "settings": blocks,
                "command": " ".join(["python bench/noise_fit.py", *(sys.argv[1:] if argv is None else argv)]),
                "total_wall_time_s": round(time.perf_counter() - start, 1)}
-    output = args.output_dir / "noise_fit.json"
-    robustness.write_strict_json(output, results)
-    results = json.loads(output.read_text())
-    plot(results, output.with_suffix(".png"))
-    table = markdown(results)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    return results
+    return robustness.write_outputs(args.output_dir / "noise_fit.json", results, plot, markdown)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
    trains two candidates of the method's own hyper-parameters at the best learning rate (`METHOD_CANDIDATES`: NITC's
    λ and warm-up, NPC's clean threshold, SRCL's τ_w, the reference prior's weight; `clip` and `rcl`, which have none,
    try the learning rate halved and doubled instead). Every method thus gets the same tuning budget (`clip`
-   included: the baseline is tuned exactly like the methods); the best validation score is kept for every noise
-   level, ties going to the defaults.
+   included: the baseline is tuned exactly like the methods; a halved or doubled rate already in the grid becomes the
+   geometric midpoint between it and the best, so no configuration is trained twice); the best validation score is
+   kept for every noise level, ties going to the defaults.
 4. **Seeds.** The chosen learning rate is trained with `--seeds` (default 0 1 2: initialisation of the heads, noise draw,
    data order) and evaluated on the test split. Cells report mean ± sample std; a method's cell is *significant* when
    its gap to `clip` exceeds both its own std and `clip`'s.
@@ -34,9 +35,12 @@ Settings:
 
 Writes `--output_dir/robustness_<setting>.json`, a plot (`.png`) and a Markdown table (`.md`, pasted into the README);
 while it runs, `robustness_<setting>.partial.json` holds every finished tuning and cell (removed at the end).
+`--rerun METHOD ...` trains only those methods again (after a change that touches only them) and puts their tuning and
+cells into the existing table, keeping every other method's runs; the table records each rerun and its command.
 
     python bench/robustness.py --setting pretrained_tuxpaint
     python bench/robustness.py --setting fashion_mnist --quick
+    python bench/robustness.py --setting fashion_mnist --rerun rcl
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -439,10 +443,13 @@ PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 1.0},)
 TUNING_CANDIDATES = 2
 
 
-def method_candidates(method: str, learning_rate: float) -> list[tuple[float, dict[str, Any]]]:
+def method_candidates(method: str, learning_rate: float,
+                      grid: tuple[float, ...] = ()) -> list[tuple[float, dict[str, Any]]]:
     """The stage-2 candidates `(learning rate, settings)` of `method` at its stage-1 learning rate: the prior's
     weight first (`@reference` with a method that uses the noise estimate), then each component's alternatives in
-    turn; padded with the learning rate halved and doubled."""
+    turn; padded with the learning rate halved and doubled. A halved or doubled rate already in the stage-1 `grid`
+    (a grid that steps by 2) is replaced by the geometric midpoint between it and the best, so that no configuration
+    is trained twice and every method gets the same number of distinct ones."""
     base, with_prior = split_method(method)
     names = method_names(base)
     per_component = [METHOD_CANDIDATES.get(name, ()) for name in names]
@@ -451,7 +458,8 @@ def method_candidates(method: str, learning_rate: float) -> list[tuple[float, di
     settings = [*(PRIOR_CANDIDATES if weighs_prior else ()), *interleaved][:TUNING_CANDIDATES]
     candidates = [(learning_rate, candidate) for candidate in settings]
     for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
-        candidates.append((learning_rate * factor, {}))
+        tried = any(math.isclose(learning_rate * factor, rate, rel_tol=1e-6) for rate in grid)
+        candidates.append((learning_rate * (math.sqrt(factor) if tried else factor), {}))
     return candidates
 
 
@@ -475,7 +483,7 @@ def tune(setting: Setting, splits: Splits, method: str, seed: int, captions: lis
     if best is not None:
         runs += [run_one(setting, splits, train, val, method, learning_rate, seed, captions, evaluate_test=True,
                          reference=reference, method_settings=settings)
-                 for learning_rate, settings in method_candidates(method, best["learning_rate"])]
+                 for learning_rate, settings in method_candidates(method, best["learning_rate"], setting.learning_rates)]
         best = score(runs)
     tuning = {"method": method, "noise": f"random {ratio}", "seed": seed,
               "grid": [{"learning_rate": r["learning_rate"], "method_settings": r["method_settings"],
@@ -569,6 +577,11 @@ def paired_gap(cell: dict[str, Any], clip_cell: dict[str, Any], path: tuple[str,
     return mean_std(gaps)
 
 
+def same_invocation(cell: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two cells were trained by the same command (the whole table is invocation 0, its reruns 1, 2, ...)."""
+    return cell.get("invocation", 0) == other.get("invocation", 0)
+
+
 def summarise(setting: Setting, cells: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """Per noise type: `{figure: {method: {ratio: mean/std/n}}}`, margins over clip with significance (and the paired
     per-seed gap), retention and step-time ratios."""
@@ -605,8 +618,11 @@ def summarise(setting: Setting, cells: list[dict[str, Any]], methods: list[str])
                                  for ratio, cell in row.items()}
             steps = tables["step_time_s"].get(method, {})
             clip_steps = tables["step_time_s"].get("clip", {})
+            # Only runs of the same invocation share a machine load: a rerun's cells are not timed against the rest.
             step_ratio[method] = {ratio: (cell["mean"] / clip_steps[ratio]["mean"]
-                                          if cell["mean"] and clip_steps.get(ratio, {}).get("mean") else None)
+                                          if cell["mean"] and clip_steps.get(ratio, {}).get("mean")
+                                          and same_invocation(by_key[(method, float(ratio))],
+                                                              by_key[("clip", float(ratio))]) else None)
                                   for ratio, cell in steps.items()}
         summary[noise_type] = {"ratios": ratios, "tables": tables, "margin_over_clip": margins,
                                "retention": retention, "step_time_vs_clip": step_ratio}
@@ -676,7 +692,11 @@ def markdown(results: dict[str, Any]) -> str:
     setting, methods = results["setting"], results["methods"]
     name = results["headline_name"]
     lines = [f"Command: `{results['command']}` ({results['total_wall_time_s'] / 60:.0f} min; "
-             f"seeds {results['seeds']}; lr grid {results['budget']['learning_rates']}).", ""]
+             f"seeds {results['seeds']}; lr grid {results['budget']['learning_rates']})."]
+    lines += [f"Rerun: `{rerun['command']}` ({rerun['total_wall_time_s'] / 60:.0f} min, {rerun['date']}): "
+              + ", ".join(f"`{m}`" for m in rerun["methods"]) + " trained again; the other methods' runs are kept."
+              for rerun in results.get("reruns", [])]
+    lines.append("")
     for noise_type, table in results["summary"].items():
         ratios = [str(r) for r in table["ratios"]]
         lines += [f"**{setting}, {noise_type} noise** — test {name}, mean ± std over seeds (↑/↓: gap to `clip` > both stds)",
@@ -861,6 +881,50 @@ def budget_sweep(setting_name: str, setting: Setting, threads: int, progress: bo
             "total_wall_time_s": round(time.perf_counter() - start, 1)}
 
 
+# What a rerun must share with the table it goes into (everything but the methods' own runs).
+RERUN_MUST_MATCH = ("setting", "headline_path", "seeds", "noise_types", "budget", "model", "quick")
+
+
+def rerun_base(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The table a `--rerun` goes into, checked before anything trains for what the arguments alone decide."""
+    if not path.exists():
+        raise SystemExit(f"--rerun: {path} does not exist; run the whole table first")
+    earlier = json.loads(path.read_text())
+    for key, value in (("seeds", list(args.seeds)), ("noise_types", list(args.noise_types)), ("quick", args.quick)):
+        if earlier.get(key) != value:
+            raise SystemExit(f"--rerun: {path} was run with {key} = {earlier.get(key)!r}, this run has {value!r}; "
+                             "rerun the whole table instead")
+    return earlier
+
+
+def with_rerun(earlier: dict[str, Any], rerun: dict[str, Any], setting: Setting, path: Path) -> dict[str, Any]:
+    """`earlier`'s table with the tunings and cells of `rerun`'s methods replaced (or added), its summary and targets
+    recomputed; `reruns` lists every rerun (methods, command, time, machine), and each rerun cell carries its
+    `invocation` (1 for the first rerun), so that step times are compared with `clip` only within one invocation. The
+    other methods' runs are kept as they were: a rerun is for a change that touches only the rerun methods."""
+    for key in RERUN_MUST_MATCH:
+        if earlier.get(key) != rerun.get(key):
+            raise SystemExit(f"--rerun: {path} was run with {key} = {earlier.get(key)!r}, this run has "
+                             f"{rerun.get(key)!r}; rerun the whole table instead")
+    methods = rerun["methods"]
+    merged = dict(earlier)
+    merged["methods"] = earlier["methods"] + [m for m in methods if m not in earlier["methods"]]
+    order = {m: i for i, m in enumerate(merged["methods"])}
+    merged["tuning"] = sorted([t for t in earlier["tuning"] if t["method"] not in methods] + rerun["tuning"],
+                              key=lambda t: order[t["method"]])
+    invocation = len(earlier.get("reruns", [])) + 1
+    merged["cells"] = [c for c in earlier["cells"] if c["method"] not in methods] + [
+        {**cell, "invocation": invocation} for cell in rerun["cells"]]
+    if rerun.get("reference") is not None:
+        merged["reference"] = rerun["reference"]
+    merged["summary"] = summarise(setting, merged["cells"], merged["methods"])
+    merged["targets"] = targets(merged["summary"], merged["methods"])
+    merged["reruns"] = earlier.get("reruns", []) + [
+        {"methods": methods, "command": rerun["command"], "total_wall_time_s": rerun["total_wall_time_s"],
+         "machine": rerun["machine"], "date": time.strftime("%Y-%m-%d")}]
+    return merged
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=list(SETTINGS), required=True)
@@ -881,9 +945,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render", action="store_true",
                         help="train nothing: recompute the summary of --output_dir's JSON and rewrite it, the plot and "
                         "the Markdown table")
+    parser.add_argument("--rerun", nargs="+", metavar="METHOD",
+                        help="train only these methods again (after a change to them) and keep every other method's "
+                        "tuning and cells from --output_dir's table of the same setting, seeds and budget; the table "
+                        "lists each rerun with its command")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if "clip" not in args.methods:
+    if args.rerun:
+        if args.render or args.budget_sweep:
+            parser.error("--rerun trains methods; it cannot be combined with --render or --budget_sweep")
+        args.methods = list(args.rerun)
+    elif "clip" not in args.methods:
         parser.error("--methods must include 'clip': every figure is compared with the tuned clip baseline")
     for method in args.methods:
         try:
@@ -932,9 +1004,26 @@ def finite_or_none(value: Any, path: str, non_finite: list[str]) -> Any:
     return value
 
 
-def write_strict_json(path: Path, value: Any) -> None:
+def write_strict_json(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` as strict JSON at `path`: NaN/inf become None and their paths go to `non_finite_values`. Returns
+    what the file holds."""
+    non_finite: list[str] = []
+    results = finite_or_none(results, "", non_finite)
+    results["non_finite_values"] = non_finite
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_or_none(value, "", []), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def write_outputs(path: Path, results: dict[str, Any], plot: Callable, markdown: Callable) -> dict[str, Any]:
+    """A benchmark's outputs: the strict JSON (`write_strict_json`), the plot beside it (`.png`) and the Markdown
+    table (`.md`, also printed), both drawn from what the JSON holds. Returns that."""
+    results = write_strict_json(path, results)
+    plot(results, path.with_suffix(".png"))
+    table = markdown(results)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -958,21 +1047,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["targets"] = targets(results["summary"], results["methods"])
         results["budget"].setdefault("tuning_ratio", setting.tuning_ratio)
     else:
+        earlier = rerun_base(output, args) if args.rerun else None
         results = run(args.setting, setting, list(args.methods), list(args.seeds), list(args.noise_types),
                       args.threads, not args.no_progress, partial)
         results["quick"] = args.quick
         results["command"] = " ".join(["python bench/robustness.py", *(sys.argv[1:] if argv is None else argv)])
-    non_finite: list[str] = []
-    results = finite_or_none(results, "", non_finite)
-    results["non_finite_values"] = non_finite
-    text = json.dumps(results, indent=2, allow_nan=False)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    output.write_text(text + "\n")
+        if earlier is not None:
+            results = with_rerun(earlier, results, setting, output)
+    results = write_outputs(output, results, plot, markdown)
     partial.unlink(missing_ok=True)
-    plot(results, output.with_suffix(".png"))
-    table = markdown(results)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
     return results
 
 

@@ -15,6 +15,7 @@ from .objectives import parse_method
 
 NOISE_ESTIMATION_MODES = ("online", "pass")
 NOISE_PRIORS = ("none", "reference")
+NPC_CLEAN_SETS = ("evidence", "posterior")
 
 
 @dataclass
@@ -137,6 +138,16 @@ class NLIPTrainingArguments(TrainingArguments):
         default=0.9,
         metadata={"help": "NPC: pairs with clean probability above this form the clean memory bank."},
     )
+    npc_clean_set: str = field(
+        default="evidence",
+        metadata={
+            "help": "NPC: how clean probabilities select the memory bank. 'posterior' (NPC): the mixture's posterior "
+            "> --npc_clean_threshold. 'evidence': the same with the mixture's clean weight capped at its noisy weight, "
+            "so a pair needs its loss's likelihood to favour clean; the two agree whenever the mixture calls at most "
+            "half the pairs clean, and differ when it calls nearly all clean before the losses separate (high noise "
+            "from scratch), where 'posterior' fills the bank with noisy pairs."
+        },
+    )
     npc_memory_refresh_epochs: int = field(
         default=1,
         metadata={"help": "NPC: rebuild the memory bank (nearest clean pairs) every this many epochs."},
@@ -243,6 +254,8 @@ class NLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"`srcl_weight_temperature` (τ_w) must be > 0; got {self.srcl_weight_temperature}.")
         if not 0.0 < self.npc_clean_threshold < 1.0:
             raise ValueError(f"`npc_clean_threshold` must be in (0, 1); got {self.npc_clean_threshold}.")
+        if self.npc_clean_set not in NPC_CLEAN_SETS:
+            raise ValueError(f"`npc_clean_set` must be one of {NPC_CLEAN_SETS}; got {self.npc_clean_set!r}.")
         self._check_tower_locking()
         if self.remove_unused_columns:
             raise ValueError(

@@ -58,7 +58,7 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
         assert [(g["learning_rate"], g["method_settings"]) for g in stage1] == [(0.002, {}), (0.004, {})]
         assert record["noise"] == "random 0.4"
         best_lr = max(stage1, key=lambda g: g["val_headline"])["learning_rate"]
-        assert [(g["learning_rate"], g["method_settings"]) for g in stage2] == module.method_candidates(method, best_lr)
+        assert [(g["learning_rate"], g["method_settings"]) for g in stage2] == module.method_candidates(method, best_lr, (0.002, 0.004))
         chosen = max(record["grid"], key=lambda g: g["val_headline"])
         assert (record["learning_rate"], record["method_settings"]) == (chosen["learning_rate"], chosen["method_settings"])
     assert tuning["nlip"]["grid"][2]["method_settings"] == {"nitc_strength": 0.3}
@@ -99,6 +99,25 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
     output.with_suffix(".md").unlink()
     rendered = module.main([*argv, "--render"])
     assert rendered["summary"] == results["summary"] and output.with_suffix(".md").read_text() == table
+    # --rerun trains one method again into the table: the other method's runs are kept as they were.
+    with pytest.raises(SystemExit, match=r"was run with seeds = \[0, 1\], this run has \[0\]; rerun the whole table"):
+        module.main([*argv[:6], "--seeds", "0", "--no-progress", "--output_dir", str(tmp_path), "--rerun", "nlip"])
+    try:
+        rerun = module.main([*argv, "--rerun", "nlip"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rerun["methods"] == ["clip", "nlip"] and rerun["command"] == results["command"]
+    assert [c for c in rerun["cells"] if c["method"] == "clip"] == [c for c in results["cells"] if c["method"] == "clip"]
+    assert [t["method"] for t in rerun["tuning"]] == ["clip", "nlip"] and rerun["tuning"][0] == results["tuning"][0]
+    new_nlip = [c for c in rerun["cells"] if c["method"] == "nlip"]
+    assert len(new_nlip) == 3 and new_nlip != [c for c in results["cells"] if c["method"] == "nlip"]
+    assert [(r["methods"], r["command"].split("--rerun ")[1]) for r in rerun["reruns"]] == [(["nlip"], "nlip")]
+    assert rerun["summary"] == module.summarise(module.resolve_setting(module.parse_args(argv)), rerun["cells"], ["clip", "nlip"])
+    assert "Rerun: `python bench/robustness.py" in output.with_suffix(".md").read_text()
+    assert all(c.get("invocation", 0) == (1 if c["method"] == "nlip" else 0) for c in rerun["cells"])
+    # nlip was trained by another command than clip: its step time is not compared with clip's.
+    assert set(rerun["summary"]["random"]["step_time_vs_clip"]["nlip"].values()) == {None}
+    assert rerun["summary"]["random"]["step_time_vs_clip"]["clip"]["0.4"] == 1.0
 
 
 def test_summary_statistics():
@@ -118,6 +137,7 @@ def test_bad_arguments_are_rejected():
         ["--setting", "fashion_mnist", "--learning_rates", "0"],
         ["--setting", "fashion_mnist", "--epochs", "0"],
         ["--setting", "cifar"],
+        ["--setting", "fashion_mnist", "--rerun", "nlip", "--render"],
     ):
         with pytest.raises(SystemExit):
             module.parse_args(argv)
@@ -127,7 +147,10 @@ def test_every_method_gets_the_same_tuning_budget():
     """Stage 2: two candidates each, the method's own settings first (the prior's weight only where the method reads
     the noise estimate), learning-rate refinements for a method without settings; combinations take turns."""
     candidates = load_bench_script("robustness").method_candidates
-    assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("rcl", 1e-3)
+    assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("rcl", 1e-3, (3e-4, 1e-3, 3e-3))
+    # A grid that steps by 2 already holds the halved (or doubled) rate: the midpoint is tried instead, never a repeat.
+    assert candidates("clip", 4e-3, (1e-3, 2e-3, 4e-3)) == [(pytest.approx(4e-3 / math.sqrt(2)), {}), (8e-3, {})]
+    assert candidates("rcl", 1e-3, (1e-3, 2e-3, 4e-3)) == [(5e-4, {}), (pytest.approx(1e-3 * math.sqrt(2)), {})]
     assert candidates("npc", 1e-3) == [(1e-3, {"npc_clean_threshold": 0.7}), (1e-3, {"npc_clean_threshold": 0.5})]
     assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
     assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}), (1e-3, {"nitc_strength": 0.3})]

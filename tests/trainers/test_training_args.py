@@ -71,6 +71,7 @@ def test_srcl_alpha_schedule(tmp_path):
         (dict(noise_max_noisy_fraction=0.0), r"`noise_max_noisy_fraction` must be in \(0, 1\]"),
         (dict(noise_loss_momentum=1.0), r"`noise_loss_momentum` must be in \[0, 1\); got 1.0"),
         (dict(npc_clean_threshold=1.0), r"`npc_clean_threshold` must be in \(0, 1\)"),
+        (dict(npc_clean_set="loss"), r"`npc_clean_set` must be one of \('evidence', 'posterior'\); got 'loss'"),
         (dict(method="npc", noise_warmup_epochs=0), "method 'npc' with `noise_warmup_epochs=0`.*noise_estimation_mode='pass'"),
         (dict(method="clip", noise_completion=True), "`noise_completion=True` feeds synthetic captions to NLIP's loss"),
         (dict(method="nlip", completion_model="captioner"), "`completion_model` is set but `noise_completion` is False"),

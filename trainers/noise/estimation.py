@@ -52,6 +52,20 @@ class NoiseEstimate:
         return 1.0 - self.clean_prob
 
 
+def evidence_clean_prob(clean_prob, weights: tuple[float, float]):
+    """The clean posterior with the clean component's weight capped at the noisy one's: when `w_c > w_n`,
+    `p' = p·w_n / (p·w_n + (1 − p)·w_c)` (the posterior under equal weights), else `p` unchanged.
+
+    `p > t` then needs the *likelihood* to favour clean by the odds `t/(1 − t)`. Without the cap, a mixture that puts
+    most pairs in its clean component (e.g. `w_c = 0.93` before the losses separate at 80 % noise) gives `p > 0.9` to
+    pairs with no evidence at all. `clean_prob`: a tensor or array of posteriors `p`; `weights`: `(w_c, w_n)`.
+    """
+    clean_weight, noisy_weight = weights
+    if clean_weight <= noisy_weight:
+        return clean_prob
+    return clean_prob * noisy_weight / (clean_prob * noisy_weight + (1.0 - clean_prob) * clean_weight)
+
+
 @dataclass
 class _Mixture:
     """Fitted parameters in normalised-loss units, clean component first (plain floats, so they serialise exactly)."""

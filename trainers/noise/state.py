@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .loss_bank import LossBank
 from ..evaluation.metrics import noise_detection_metrics
-from .estimation import CleanProbabilityEstimator, NoiseEstimate
+from .estimation import CleanProbabilityEstimator, NoiseEstimate, evidence_clean_prob
 from .reference_prior import ReferencePrior, combine_noise
 
 
@@ -123,6 +123,19 @@ class NoiseState:
         if self.reference_prior is None:
             return self._noise_prob
         loss_based = self._noise_prob if self.num_fits > 0 and self.estimator.is_fitted else None
+        return combine_noise(loss_based, self.reference_prior.noise_prob, self.prior_weight)
+
+    def noise_prob_on_evidence(self) -> torch.Tensor:
+        """`noise_prob` with the loss-based part's clean weight capped at its noisy weight (`evidence_clean_prob`):
+        a pair counts as clean on its loss's likelihood, not on a mixture that calls most pairs clean. The same as
+        `noise_prob` before the first usable fit and whenever the mixture's clean weight is at most its noisy one."""
+        table = self.noise_prob
+        weights = self.estimate_summary.get("weights")
+        if weights is None or not (self.num_fits > 0 and self.estimator.is_fitted):
+            return table
+        loss_based = 1.0 - evidence_clean_prob(1.0 - self._noise_prob, tuple(weights))
+        if self.reference_prior is None:
+            return loss_based
         return combine_noise(loss_based, self.reference_prior.noise_prob, self.prior_weight)
 
     @property

@@ -2,7 +2,11 @@
 
 - **Memory bank** (`trainers.noise.memory_bank`): every `npc_memory_refresh_epochs` once the noise is estimated, each
   training pair's nearest confidently clean pairs (clean probability above `npc_clean_threshold`), by image and by
-  text, from a no-grad pass over the training set.
+  text, from a no-grad pass over the training set. By default (`npc_clean_set="evidence"`) the clean probability is
+  the mixture's posterior with its clean weight capped at its noisy weight (`trainers.noise.estimation.
+  evidence_clean_prob`): a pair needs its loss's likelihood to favour clean. NPC's posterior (`"posterior"`) lets a
+  mixture that calls nearly every pair clean, as it does before the losses separate at high noise from scratch, fill
+  the bank with noisy pairs.
 - **Confidence**: each step a sibling copy of the model (`trainers.objectives.npc_sibling.NPCSibling`) takes one optimizer step on the
   batch; a pair whose step makes its memory entries' loss worse gets a low confidence
   (`trainers.losses.npc_confidence`).
@@ -166,7 +170,8 @@ class NPCObjective(Objective):
         image_features[result.index] = result.image_features
         text_features[result.index] = result.text_features
         present[result.index] = True
-        clean_prob = torch.where(present, 1.0 - state.noise_prob, torch.zeros(()))
+        noise_prob = state.noise_prob_on_evidence() if self.args.npc_clean_set == "evidence" else state.noise_prob
+        clean_prob = torch.where(present, 1.0 - noise_prob, torch.zeros(()))
         try:
             bank = build_memory_bank(image_features, text_features, clean_prob, threshold=self.args.npc_clean_threshold,
                                      device=context.device, progress_bar=context.show_progress)
@@ -178,7 +183,7 @@ class NPCObjective(Objective):
 
     # ---------------------------------------------------------------------------------------- reporting & state
     def settings(self) -> dict[str, Any]:
-        return {"npc_clean_threshold": self.args.npc_clean_threshold,
+        return {"npc_clean_threshold": self.args.npc_clean_threshold, "npc_clean_set": self.args.npc_clean_set,
                 "npc_memory_refresh_epochs": self.args.npc_memory_refresh_epochs}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

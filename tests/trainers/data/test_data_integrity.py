@@ -186,6 +186,31 @@ def test_stream_from_loopback_http_without_a_prescan(tmp_path, caplog):
         assert mapped["key"] == [key for key, _ in local]
 
 
+def test_stream_from_a_listing_filesystem_glob(tmp_path):
+    """A glob on a filesystem that lists (fsspec's `memory://` here; `hf://` and `s3://` take the same path): the
+    shards are found by listing, sorted, and give the same pairs and indices as the local copy, streamed or mapped."""
+    import fsspec
+
+    for i in range(2):
+        write_shard(tmp_path / f"{i:05d}.tar", 100 * i, 5)
+    fs = fsspec.filesystem("memory")
+    for i in (1, 0):  # written out of order: the listing is sorted
+        fs.pipe(f"/nlip-test-shards/{i:05d}.tar", (tmp_path / f"{i:05d}.tar").read_bytes())
+    fs.pipe("/nlip-test-shards/00000_stats.json", json.dumps({"successes": 5}).encode())
+    try:
+        assert resolve_shards("memory://nlip-test-shards/*.tar") == [
+            "memory:///nlip-test-shards/00000.tar", "memory:///nlip-test-shards/00001.tar"]
+        local = [(ex["key"], ex["index"], ex["text"]) for ex in load_webdataset_pairs(str(tmp_path / "*.tar"), streaming=True)]
+        remote = load_webdataset_pairs("memory://nlip-test-shards/*.tar", streaming=True)
+        assert [(ex["key"], ex["index"], ex["text"]) for ex in remote] == local and len(local) == 10
+        mapped = load_webdataset_pairs("memory://nlip-test-shards/*.tar")
+        assert mapped["index"] == list(range(10)) and mapped["text"] == [text for _, _, text in local]
+        with pytest.raises(FileNotFoundError, match=r"No webdataset tar shards found for 'memory://nlip-test-shards/\*.tgz'"):
+            resolve_shards("memory://nlip-test-shards/*.tgz")
+    finally:
+        fs.rm("/nlip-test-shards", recursive=True)
+
+
 def test_remote_glob_without_listing_is_a_named_error():
     with pytest.raises(ValueError, match=r"http:// URLs have no glob; give the shards as a brace range"):
         resolve_shards("http://127.0.0.1:9/shards/*.tar")

@@ -1,3 +1,5 @@
+import copy
+import dataclasses
 import json
 import logging
 
@@ -8,7 +10,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from trainers.noise.estimation import CleanProbabilityEstimator, NoiseEstimate
+from trainers.noise.estimation import CleanProbabilityEstimator, NoiseEstimate, evidence_clean_prob
 
 
 def _bimodal(num_samples=20_000, noise_rate=0.3, seed=0):
@@ -203,3 +205,28 @@ def test_a_state_saved_before_the_noisy_fraction_guard_restores_without_it():
     restored.load_state_dict(old_state)
     assert restored.max_noisy_fraction == 1.0  # the behaviour of the code that wrote it
     assert np.array_equal(restored.predict(losses).clean_prob, estimator.predict(losses).clean_prob)
+
+
+def test_evidence_clean_prob_caps_the_clean_weight():
+    """`p' = p·w_n / (p·w_n + (1 − p)·w_c)` when the clean weight is the larger, `p` itself otherwise."""
+    p = torch.tensor([0.95, 0.5, 0.999, 0.0])
+    capped = evidence_clean_prob(p, (0.93, 0.07))
+    torch.testing.assert_close(capped, p * 0.07 / (p * 0.07 + (1 - p) * 0.93))
+    assert capped[0].item() == pytest.approx(0.0665 / 0.1130, rel=1e-5)  # 0.95 → 0.59: no longer "confidently clean"
+    assert capped[2].item() > 0.98 and capped[3].item() == 0.0
+    assert evidence_clean_prob(p, (0.4, 0.6)) is p and evidence_clean_prob(p, (0.5, 0.5)) is p
+
+
+def test_evidence_clean_prob_is_the_posterior_under_equal_weights():
+    """On a fitted mixture whose clean weight is high, the capped posterior equals the posterior of the same
+    components with equal weights."""
+    rng = np.random.default_rng(0)
+    losses = np.concatenate([rng.normal(1.0, 0.3, 900), rng.normal(2.5, 0.4, 100)])
+    estimator = CleanProbabilityEstimator(seed=0)
+    estimate = estimator.fit(losses)
+    assert estimate.weights[0] > 0.8
+    equal = copy.deepcopy(estimator)
+    equal._mixture = dataclasses.replace(estimator._mixture, weights=[0.5, 0.5])
+    np.testing.assert_allclose(evidence_clean_prob(estimate.clean_prob.astype(np.float64), estimate.weights),
+                               equal.predict(losses).clean_prob, rtol=0, atol=1e-5)
+    assert (evidence_clean_prob(estimate.clean_prob, estimate.weights) > 0.9).sum() < (estimate.clean_prob > 0.9).sum()

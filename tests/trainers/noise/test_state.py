@@ -99,3 +99,30 @@ def test_bad_momentum_and_bad_average_are_named():
     tensors["fit_losses"] = torch.zeros(5)
     with pytest.raises(NoiseStateError, match=r"the state: fit_losses of shape \(5,\) for 3 per-sample entries"):
         NoiseState(3).load_state_dict(tensors, metadata, where="the state")
+
+
+def test_noise_prob_on_evidence_caps_only_the_loss_based_part():
+    """Before a fit and after a fallback it is `noise_prob`; after a fit whose clean weight is the larger, the
+    loss-based ε is taken on evidence (`evidence_clean_prob`), and a reference prior is blended in as in `noise_prob`."""
+    from trainers.noise.estimation import evidence_clean_prob
+    from trainers.noise.reference_prior import ReferencePrior
+
+    rng = np.random.default_rng(0)
+    state = NoiseState(1000)
+    assert torch.equal(state.noise_prob_on_evidence(), state.noise_prob)  # nothing fitted: ε = 0
+    losses = np.concatenate([rng.normal(1.0, 0.3, 900), rng.normal(2.5, 0.4, 100)])
+    _record(state, losses.tolist(), step=0)
+    state.fit(epoch=1)
+    weights = state.estimate_summary["weights"]
+    assert weights[0] > weights[1]
+    expected = 1 - evidence_clean_prob(1 - state.noise_prob, tuple(weights))
+    torch.testing.assert_close(state.noise_prob_on_evidence(), expected)
+    assert (state.noise_prob_on_evidence() >= state.noise_prob - 1e-6).all()  # capping only removes clean evidence
+    prior_noise = torch.linspace(0, 1, 1000)
+    prior = ReferencePrior(score=torch.zeros(1000), random_pair_cosine=0.0, clean_prob=1 - prior_noise)
+    state.set_reference_prior(prior, 0.25)
+    torch.testing.assert_close(state.noise_prob_on_evidence(), 0.25 * prior.noise_prob + 0.75 * expected)
+    flat = NoiseState(1000, max_noisy_fraction=0.01)  # every fit is discarded: ε stays 0
+    _record(flat, losses.tolist(), step=0)
+    flat.fit(epoch=1)
+    assert torch.equal(flat.noise_prob_on_evidence(), flat.noise_prob)

@@ -1,5 +1,6 @@
 """`npc`: the trainer's NPC step follows the paper's equations (sibling look-ahead, confidences, memory loss)."""
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -71,3 +72,30 @@ def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
     assert npc.memory_bank is not None and npc.sibling is not None
     assert sum(count for epoch, count in calls if epoch == 0) == 32  # every image once, during the first epoch
     assert [call for call in calls if call[0] > 0] == []  # never again: cached for the sibling, memory and the pass
+
+
+def test_memory_bank_clean_set_needs_evidence_by_default(tmp_path):
+    """A mixture that calls most pairs clean (clean weight 0.7, overlapping components) gives `p > 0.9` to pairs whose loss is no evidence
+    of it: the default clean set (`npc_clean_set="evidence"`) takes the posterior with the clean weight capped; the
+    paper's (`"posterior"`) takes the posterior itself."""
+    from trainers.noise.estimation import evidence_clean_prob
+
+    pairs = synthetic_pairs(60)
+    rng = np.random.default_rng(0)
+    losses = torch.tensor(np.concatenate([rng.normal(1.0, 0.4, 54), rng.normal(1.8, 0.5, 6)]), dtype=torch.float32)
+    clean_sets = {}
+    for clean_set in ("evidence", "posterior"):
+        trainer = method_trainer(tmp_path / clean_set, pairs, "npc", npc_clean_set=clean_set)
+        state = trainer.noise_state
+        state.record(torch.arange(60), losses, step=0)
+        state.fit(epoch=1)
+        npc = trainer.objectives["npc"]
+        npc.rebuild_memory_bank(1, trainer.context)
+        clean_sets[clean_set] = set(npc.memory_bank.clean_indices.tolist())
+        assert npc.settings()["npc_clean_set"] == clean_set
+    clean_prob = 1 - state.noise_prob
+    weights = tuple(state.estimate_summary["weights"])
+    assert weights[0] > 0.65
+    assert clean_sets["posterior"] == set(torch.nonzero(clean_prob > 0.9).flatten().tolist())
+    assert clean_sets["evidence"] == set(torch.nonzero(evidence_clean_prob(clean_prob, weights) > 0.9).flatten().tolist())
+    assert 2 <= len(clean_sets["evidence"]) < len(clean_sets["posterior"]) and clean_sets["evidence"] < clean_sets["posterior"]
