@@ -139,13 +139,13 @@ class NLIPTrainingArguments(TrainingArguments):
         metadata={"help": "NPC: pairs with clean probability above this form the clean memory bank."},
     )
     npc_clean_set: str = field(
-        default="evidence",
+        default="posterior",
         metadata={
-            "help": "NPC: how clean probabilities select the memory bank. 'posterior' (NPC): the mixture's posterior "
-            "> --npc_clean_threshold. 'evidence': the same with the mixture's clean weight capped at its noisy weight, "
-            "so a pair needs its loss's likelihood to favour clean; the two agree whenever the mixture calls at most "
-            "half the pairs clean, and differ when it calls nearly all clean before the losses separate (high noise "
-            "from scratch), where 'posterior' fills the bank with noisy pairs."
+            "help": "NPC: how clean probabilities select the memory bank. 'posterior' (NPC, default): the mixture's "
+            "posterior > --npc_clean_threshold. 'evidence': the same with the mixture's clean weight capped at its "
+            "noisy weight, so a pair needs its loss's likelihood to favour clean; the two agree whenever the mixture "
+            "calls at most half the pairs clean, and differ when it calls nearly all clean before the losses separate "
+            "(high noise from scratch), where 'posterior' fills the bank with noisy pairs."
         },
     )
     npc_memory_refresh_epochs: int = field(

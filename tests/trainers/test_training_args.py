@@ -43,6 +43,7 @@ def test_defaults(tmp_path):
     assert args.nitc_strength == 0.1 and args.noise_estimation_mode == "online" and args.noise_warmup_epochs == 1
     assert args.srcl_alpha_start == 0.0 and args.srcl_alpha_end == 0.0 and args.srcl_weight_temperature == 0.1
     assert args.npc_clean_threshold == 0.9
+    assert args.npc_clean_set == "posterior"
     assert args.nitc_form == "balanced" and args.noise_max_noisy_fraction == 0.9 and args.noise_loss_momentum == 0.0
 
 

@@ -2,11 +2,11 @@
 
 - **Memory bank** (`trainers.noise.memory_bank`): every `npc_memory_refresh_epochs` once the noise is estimated, each
   training pair's nearest confidently clean pairs (clean probability above `npc_clean_threshold`), by image and by
-  text, from a no-grad pass over the training set. By default (`npc_clean_set="evidence"`) the clean probability is
-  the mixture's posterior with its clean weight capped at its noisy weight (`trainers.noise.estimation.
-  evidence_clean_prob`): a pair needs its loss's likelihood to favour clean. NPC's posterior (`"posterior"`) lets a
-  mixture that calls nearly every pair clean, as it does before the losses separate at high noise from scratch, fill
-  the bank with noisy pairs.
+  text, from a no-grad pass over the training set. The clean probability is the mixture's posterior (NPC,
+  `npc_clean_set="posterior"`), or with `"evidence"` the posterior with the clean weight capped at the noisy weight
+  (`trainers.noise.estimation.evidence_clean_prob`): a pair then needs its loss's likelihood to favour clean, where
+  the posterior lets a mixture that calls nearly every pair clean (before the losses separate at high noise from
+  scratch) fill the bank with noisy pairs.
 - **Confidence**: each step a sibling copy of the model (`trainers.objectives.npc_sibling.NPCSibling`) takes one optimizer step on the
   batch; a pair whose step makes its memory entries' loss worse gets a low confidence
   (`trainers.losses.npc_confidence`).

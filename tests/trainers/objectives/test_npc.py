@@ -74,18 +74,20 @@ def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
     assert [call for call in calls if call[0] > 0] == []  # never again: cached for the sibling, memory and the pass
 
 
-def test_memory_bank_clean_set_needs_evidence_by_default(tmp_path):
-    """A mixture that calls most pairs clean (clean weight 0.7, overlapping components) gives `p > 0.9` to pairs whose loss is no evidence
-    of it: the default clean set (`npc_clean_set="evidence"`) takes the posterior with the clean weight capped; the
-    paper's (`"posterior"`) takes the posterior itself."""
+def test_memory_bank_clean_set_on_evidence_or_posterior(tmp_path):
+    """A mixture that calls most pairs clean (clean weight 0.7, overlapping components) gives `p > 0.9` to pairs whose
+    loss is no evidence of it: `npc_clean_set="evidence"` takes the posterior with the clean weight capped; the
+    paper's and the default (`"posterior"`) takes the posterior itself."""
     from trainers.noise.estimation import evidence_clean_prob
 
     pairs = synthetic_pairs(60)
     rng = np.random.default_rng(0)
     losses = torch.tensor(np.concatenate([rng.normal(1.0, 0.4, 54), rng.normal(1.8, 0.5, 6)]), dtype=torch.float32)
     clean_sets = {}
-    for clean_set in ("evidence", "posterior"):
-        trainer = method_trainer(tmp_path / clean_set, pairs, "npc", npc_clean_set=clean_set)
+    for clean_set in ("evidence", None):
+        overrides = {} if clean_set is None else {"npc_clean_set": clean_set}
+        clean_set = clean_set or "posterior"
+        trainer = method_trainer(tmp_path / clean_set, pairs, "npc", **overrides)
         state = trainer.noise_state
         state.record(torch.arange(60), losses, step=0)
         state.fit(epoch=1)
