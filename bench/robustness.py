@@ -881,8 +881,9 @@ def budget_sweep(setting_name: str, setting: Setting, threads: int, progress: bo
             "total_wall_time_s": round(time.perf_counter() - start, 1)}
 
 
-# What a rerun must share with the table it goes into (everything but the methods' own runs).
-RERUN_MUST_MATCH = ("setting", "headline_path", "seeds", "noise_types", "budget", "model", "quick")
+# What a rerun must share with the table it goes into, beyond what `rerun_base` checks from the arguments: what the
+# run itself reports (the data sizes, the model, the tuning budget).
+RERUN_MUST_MATCH = ("setting", "headline_path", "budget", "model")
 
 
 def rerun_base(path: Path, args: argparse.Namespace) -> dict[str, Any]:

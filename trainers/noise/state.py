@@ -120,10 +120,17 @@ class NoiseState:
             grown = torch.zeros(self.num_samples, dtype=torch.float32)
             grown[: self._noise_prob.shape[0]] = self._noise_prob
             self._noise_prob = grown
+        return self._with_prior(self._noise_prob)
+
+    def _with_prior(self, loss_based: torch.Tensor) -> torch.Tensor:
+        """The loss-based `ε` blended with the reference prior (the prior alone before the first usable fit)."""
         if self.reference_prior is None:
-            return self._noise_prob
-        loss_based = self._noise_prob if self.num_fits > 0 and self.estimator.is_fitted else None
-        return combine_noise(loss_based, self.reference_prior.noise_prob, self.prior_weight)
+            return loss_based
+        usable = loss_based if self._has_loss_fit() else None
+        return combine_noise(usable, self.reference_prior.noise_prob, self.prior_weight)
+
+    def _has_loss_fit(self) -> bool:
+        return self.num_fits > 0 and self.estimator.is_fitted
 
     def noise_prob_on_evidence(self) -> torch.Tensor:
         """`noise_prob` with the loss-based part's clean weight capped at its noisy weight (`evidence_clean_prob`):
@@ -131,18 +138,15 @@ class NoiseState:
         `noise_prob` before the first usable fit and whenever the mixture's clean weight is at most its noisy one."""
         table = self.noise_prob
         weights = self.estimate_summary.get("weights")
-        if weights is None or not (self.num_fits > 0 and self.estimator.is_fitted):
+        if weights is None or not self._has_loss_fit():
             return table
-        loss_based = 1.0 - evidence_clean_prob(1.0 - self._noise_prob, tuple(weights))
-        if self.reference_prior is None:
-            return loss_based
-        return combine_noise(loss_based, self.reference_prior.noise_prob, self.prior_weight)
+        return self._with_prior(1.0 - evidence_clean_prob(1.0 - self._noise_prob, tuple(weights)))
 
     @property
     def is_estimated(self) -> bool:
         """Whether noise probabilities are in use: a reference prior, or a mixture fit (False before warm-up ends
         and after a fallback)."""
-        return self.reference_prior is not None or (self.num_fits > 0 and self.estimator.is_fitted)
+        return self.reference_prior is not None or self._has_loss_fit()
 
     def set_reference_prior(self, prior: ReferencePrior, weight: float) -> None:
         """Use `prior` (scored on this state's indices) with weight `weight` in the noise probabilities."""
