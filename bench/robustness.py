@@ -12,8 +12,8 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
 3. **Tuning.** For each method, at the tuning noise (random, `tuning_ratio`, 40 %) with seed 0, scored on the
    validation split: stage 1 trains every learning rate of the setting's grid with the method's defaults; stage 2
    trains two candidates of the method's own hyper-parameters at the best learning rate (`METHOD_CANDIDATES`: NITC's
-   λ and warm-up, NPC's clean threshold, SRCL's τ_w, the reference prior's weight; `clip` and `rcl`, which have none,
-   try the learning rate halved and doubled instead). Every method thus gets the same tuning budget (`clip`
+   λ and warm-up, NPC's clean threshold, SRCL's τ_w, RCL's InfoNCE weight β, the reference prior's weight; `clip`,
+   which has none, tries the learning rate halved and doubled instead). Every method thus gets the same tuning budget (`clip`
    included: the baseline is tuned exactly like the methods; a halved or doubled rate already in the grid becomes the
    geometric midpoint between it and the best, so no configuration is trained twice); the best validation score is
    kept for every noise level, ties going to the defaults.
@@ -431,12 +431,13 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
 
 
 # Stage 2 of the tuning: each method's own hyper-parameters, two candidates beside the defaults (NLIPTrainingArguments
-# overrides). A method with none of its own (clip, rcl) refines its learning rate instead, so every method gets the
-# same number of tuning runs: len(learning_rates) + TUNING_CANDIDATES.
+# overrides). A method with none of its own (clip) refines its learning rate instead, so every method gets the same
+# number of tuning runs: len(learning_rates) + TUNING_CANDIDATES.
 METHOD_CANDIDATES: dict[str, tuple[dict[str, Any], ...]] = {
     "nlip": ({"nitc_strength": 0.3}, {"noise_warmup_epochs": 2}),
     "npc": ({"npc_clean_threshold": 0.7}, {"npc_clean_threshold": 0.5}),
     "srcl": ({"srcl_weight_temperature": 0.05}, {"srcl_weight_temperature": 0.2}),
+    "rcl": ({"rcl_infonce_weight": 0.2}, {"rcl_infonce_weight": 1.0}),
 }
 # The prior's weight: the default (0.5) was chosen from these runs with 1.0 as the default and 0.5 the candidate.
 PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 1.0},)

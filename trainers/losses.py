@@ -21,7 +21,9 @@ Methods (cite these when using the losses):
 - NPC: Zhang et al., "Negative Pre-aware for Noisy Cross-modal Matching", AAAI 2024.
 - SRCL: Jiang et al., "Vision Language Pre-training by Contrastive Learning with Cross-Modal Similarity Regulation",
   ACL 2023.
-- RCL: Hu et al., "Cross-Modal Retrieval with Partially Mismatched Pairs", TPAMI 2023 (the complementary loss).
+- RCL: Hu et al., "Cross-Modal Retrieval with Partially Mismatched Pairs", TPAMI 2023 (the complementary loss);
+  its InfoNCE term as in Wang et al., "Symmetric Cross Entropy for Robust Learning with Noisy Labels", ICCV 2019, and
+  Ma et al., "Normalized Loss Functions for Deep Learning with Noisy Labels", ICML 2020.
 """
 
 from __future__ import annotations
@@ -258,6 +260,7 @@ def complementary_contrastive_loss(
     text_embeds: torch.Tensor,
     logit_scale,
     *,
+    infonce_weight: float = 0.0,
     sample_weights=None,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -270,7 +273,15 @@ def complementary_contrastive_loss(
     negative term out of `B − 1`. It needs no noise estimate and no extra pass. As RCL's `log` variant, with the
     temperature the caller's `logit_scale` (RCL fixes τ = 0.05, i.e. a scale of 20). Each term is bounded: `p_ij` is
     clipped at `1 − 1e-7` (RCL adds 1e-10 inside the log), so one pair costs at most `−log(1e-7) ≈ 16`.
+
+    With `infonce_weight` β > 0 each sample adds `β·CE_i` (its symmetric InfoNCE, `contrastive_loss`): the pairing of
+    an active with a passive loss of Symmetric Cross Entropy (Wang et al., ICCV 2019) and active-passive losses (Ma et
+    al., ICML 2020). Alone, the complementary loss is ≈ `1 − p_ii` while the `p_ij` are small — mean absolute error,
+    which is robust but underfits; the InfoNCE term supplies the pull towards the own caption, the complementary one
+    keeps pushing the negatives apart. β = 0 is RCL's loss.
     """
+    if infonce_weight < 0:
+        raise ValueError(f"`infonce_weight` (β) must be >= 0; got {infonce_weight}.")
     _check_pair(image_embeds, text_embeds)
     logits = _at_least_float32(contrastive_logits(image_embeds, text_embeds, logit_scale))
     batch_size = logits.shape[0]
@@ -281,7 +292,10 @@ def complementary_contrastive_loss(
     for direction_logits in (logits, logits.transpose(0, 1)):
         probabilities = direction_logits.softmax(dim=1).clamp(max=1 - 1e-7)
         per_direction.append(-(torch.log1p(-probabilities) * off_diagonal).sum(dim=1))
-    return _reduce(0.5 * (per_direction[0] + per_direction[1]), sample_weights, reduction)
+    per_sample = 0.5 * (per_direction[0] + per_direction[1])
+    if infonce_weight > 0:
+        per_sample = per_sample + infonce_weight * _per_sample_contrastive(image_embeds, text_embeds, logit_scale, None)
+    return _reduce(per_sample, sample_weights, reduction)
 
 
 def srcl_negative_weights(
@@ -413,6 +427,7 @@ class Contribution:
             `nitc_form`.
         synthetic_text_embeds: `[B, D]` a second, `ε`-weighted positive per image (with `noise_prob`).
         complementary: replace the positive term by `complementary_contrastive_loss` (RCL).
+        infonce_weight: with `complementary`, the weight β of its InfoNCE term.
         losses: extra loss terms added to the objective (NPC's memory-bank loss).
         metrics: values averaged into the training logs (not used here).
     """
@@ -425,6 +440,7 @@ class Contribution:
     nitc_form: str = "balanced"
     synthetic_text_embeds: torch.Tensor | None = None
     complementary: bool = False
+    infonce_weight: float = 0.0
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -454,7 +470,7 @@ def combine_contributions(
     With `w` the product of the sample weights and `W` that of the negative weights:
 
     - a contribution with `noise_prob` ε (NLIP): `nitc_loss(ε, sample_weights=w, negative_weights=W, ...)`;
-    - one with `complementary` (RCL): `complementary_contrastive_loss(sample_weights=w)`;
+    - one with `complementary` (RCL): `complementary_contrastive_loss(infonce_weight=β, sample_weights=w)`;
     - otherwise `contrastive_loss(sample_weights=w, negative_weights=W)` — with nothing to weigh, the mean of
       `per_sample` when the caller already has the per-pair InfoNCE (CLIP);
 
@@ -483,7 +499,10 @@ def combine_contributions(
     elif shaping:
         if negative_weights is not None:
             raise ValueError("Negative weights do not apply to the complementary contrastive loss.")
-        loss = complementary_contrastive_loss(image_embeds, text_embeds, logit_scale, sample_weights=sample_weights)
+        loss = complementary_contrastive_loss(
+            image_embeds, text_embeds, logit_scale, infonce_weight=shaping[0].infonce_weight,
+            sample_weights=sample_weights,
+        )
     elif negative_weights is not None or sample_weights is not None or per_sample is None:
         loss = contrastive_loss(
             image_embeds, text_embeds, logit_scale, sample_weights=sample_weights, negative_weights=negative_weights

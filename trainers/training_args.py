@@ -134,18 +134,34 @@ class NLIPTrainingArguments(TrainingArguments):
             "harder, larger tends to plain InfoNCE."
         },
     )
+    rcl_infonce_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "RCL: weight β of an InfoNCE term added to the complementary loss, per pair "
+            "−Σ_{j≠i} log(1 − p_ij) + β·CE_i (the active-passive pairing of Symmetric Cross Entropy). The "
+            "complementary loss alone is robust but underfits; 0 is RCL's loss."
+        },
+    )
     npc_clean_threshold: float = field(
         default=0.9,
         metadata={"help": "NPC: pairs with clean probability above this form the clean memory bank."},
     )
     npc_clean_set: str = field(
-        default="posterior",
+        default="evidence",
         metadata={
-            "help": "NPC: how clean probabilities select the memory bank. 'posterior' (NPC, default): the mixture's "
-            "posterior > --npc_clean_threshold. 'evidence': the same with the mixture's clean weight capped at its "
-            "noisy weight, so a pair needs its loss's likelihood to favour clean; the two agree whenever the mixture "
-            "calls at most half the pairs clean, and differ when it calls nearly all clean before the losses separate "
-            "(high noise from scratch), where 'posterior' fills the bank with noisy pairs."
+            "help": "NPC: how clean probabilities select the memory bank. 'evidence' (default): the mixture's "
+            "posterior with its clean weight capped at its noisy weight, > --npc_clean_threshold, so a pair needs its "
+            "loss's likelihood to favour clean. 'posterior' (NPC's rule): the posterior itself. The two agree whenever "
+            "the mixture calls at most half the pairs clean, and differ when it calls nearly all clean before the "
+            "losses separate (high noise from scratch), where 'posterior' fills the bank with noisy pairs."
+        },
+    )
+    npc_min_clean_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "NPC: the memory bank holds at least this fraction of the training pairs, the most probably clean "
+            "ones, when fewer pass --npc_clean_threshold (a weakly separating mixture leaves a handful above it, and "
+            "a bank of a handful of pairs gives every sample the same few memory entries). 0: the threshold alone."
         },
     )
     npc_memory_refresh_epochs: int = field(
@@ -252,8 +268,12 @@ class NLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"`noise_max_noisy_fraction` must be in (0, 1]; got {self.noise_max_noisy_fraction}.")
         if self.srcl_weight_temperature <= 0:
             raise ValueError(f"`srcl_weight_temperature` (τ_w) must be > 0; got {self.srcl_weight_temperature}.")
+        if self.rcl_infonce_weight < 0:
+            raise ValueError(f"`rcl_infonce_weight` (β) must be >= 0; got {self.rcl_infonce_weight}.")
         if not 0.0 < self.npc_clean_threshold < 1.0:
             raise ValueError(f"`npc_clean_threshold` must be in (0, 1); got {self.npc_clean_threshold}.")
+        if not 0.0 <= self.npc_min_clean_fraction < 1.0:
+            raise ValueError(f"`npc_min_clean_fraction` must be in [0, 1); got {self.npc_min_clean_fraction}.")
         if self.npc_clean_set not in NPC_CLEAN_SETS:
             raise ValueError(f"`npc_clean_set` must be one of {NPC_CLEAN_SETS}; got {self.npc_clean_set!r}.")
         self._check_tower_locking()

@@ -147,10 +147,12 @@ def test_every_method_gets_the_same_tuning_budget():
     """Stage 2: two candidates each, the method's own settings first (the prior's weight only where the method reads
     the noise estimate), learning-rate refinements for a method without settings; combinations take turns."""
     candidates = load_bench_script("robustness").method_candidates
-    assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("rcl", 1e-3, (3e-4, 1e-3, 3e-3))
+    assert candidates("clip", 1e-3) == [(5e-4, {}), (2e-3, {})] == candidates("clip", 1e-3, (3e-4, 1e-3, 3e-3))
     # A grid that steps by 2 already holds the halved (or doubled) rate: the midpoint is tried instead, never a repeat.
     assert candidates("clip", 4e-3, (1e-3, 2e-3, 4e-3)) == [(pytest.approx(4e-3 / math.sqrt(2)), {}), (8e-3, {})]
-    assert candidates("rcl", 1e-3, (1e-3, 2e-3, 4e-3)) == [(5e-4, {}), (pytest.approx(1e-3 * math.sqrt(2)), {})]
+    assert candidates("clip", 1e-3, (1e-3, 2e-3, 4e-3)) == [(5e-4, {}), (pytest.approx(1e-3 * math.sqrt(2)), {})]
+    assert candidates("rcl", 1e-3, (1e-3, 2e-3, 4e-3)) == [(1e-3, {"rcl_infonce_weight": 0.2}),
+                                                           (1e-3, {"rcl_infonce_weight": 1.0})]
     assert candidates("npc", 1e-3) == [(1e-3, {"npc_clean_threshold": 0.7}), (1e-3, {"npc_clean_threshold": 0.5})]
     assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
     assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}), (1e-3, {"nitc_strength": 0.3})]

@@ -441,6 +441,33 @@ def test_complementary_loss_matches_its_formula_and_weights():
            sum(w * e for w, e in zip(weights, expected)) / 5, tol=1e-9)
 
 
+def test_complementary_loss_infonce_term_matches_its_formula():
+    image, text = _batch(size=5, seed=9)
+    complementary, infonce = _reference_complementary(image, text, 3.0), reference_ce(image, text, 3.0)
+    weights = [1.0, 0.0, 0.5, 2.0, 1.0]
+    for beta in (0.0, 0.5, 2.0):
+        expected = [c + beta * ce for c, ce in zip(complementary, infonce)]
+        _close(complementary_contrastive_loss(image, text, 3.0, infonce_weight=beta, reduction="none"), expected, tol=1e-9)
+        _close(complementary_contrastive_loss(image, text, 3.0, infonce_weight=beta, sample_weights=weights),
+               sum(w * e for w, e in zip(weights, expected)) / 5, tol=1e-9)
+    with pytest.raises(ValueError, match=r"`infonce_weight` \(β\) must be >= 0; got -0.1"):
+        complementary_contrastive_loss(image, text, 3.0, infonce_weight=-0.1)
+
+
+def test_complementary_loss_pulls_the_own_caption_mostly_through_its_infonce_term():
+    # Alone the complementary loss ≈ 1 − p_ii (MAE) while the p_ij are small: moving each image towards its own caption
+    # lowers it ~B times less than it lowers InfoNCE (−log p_ii), which β adds.
+    size = 32
+    image, text = _batch(size=size, seed=10)
+    closer = F.normalize(0.9 * F.normalize(image, dim=-1) + 0.1 * F.normalize(text, dim=-1), dim=-1)
+
+    def pull(beta):
+        before, after = (complementary_contrastive_loss(x, text, 2.0, infonce_weight=beta) for x in (image, closer))
+        return (before - after).item()
+
+    assert 0 < pull(0.0) and pull(1.0) - pull(0.0) > size / 4 * pull(0.0)
+
+
 def test_complementary_loss_is_bounded():
     image, text = _batch(size=4, seed=8)
     # Whatever the logits, no term exceeds −log(1e-7): huge scales give a finite loss and gradient.
@@ -475,9 +502,11 @@ def test_combine_contributions_composes_each_method_term():
     _close(combine_contributions(image, text, 4.0, twice),
            contrastive_loss(image, text, 4.0, sample_weights=confidence * confidence).item(), tol=1e-7)
     # RCL (+ NPC): the complementary loss, weighted; extra losses are added.
-    rcl = [Contribution(complementary=True), Contribution(sample_weights=confidence, losses={"m": torch.tensor(0.25)})]
+    rcl = [Contribution(complementary=True, infonce_weight=0.5),
+           Contribution(sample_weights=confidence, losses={"m": torch.tensor(0.25)})]
     _close(combine_contributions(image, text, 4.0, rcl),
-           complementary_contrastive_loss(image, text, 4.0, sample_weights=confidence).item() + 0.25, tol=1e-6)
+           complementary_contrastive_loss(image, text, 4.0, infonce_weight=0.5, sample_weights=confidence).item() + 0.25,
+           tol=1e-6)
 
 
 def test_combine_contributions_rejects_conflicting_terms():

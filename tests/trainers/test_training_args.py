@@ -43,7 +43,7 @@ def test_defaults(tmp_path):
     assert args.nitc_strength == 0.1 and args.noise_estimation_mode == "online" and args.noise_warmup_epochs == 1
     assert args.srcl_alpha_start == 0.0 and args.srcl_alpha_end == 0.0 and args.srcl_weight_temperature == 0.1
     assert args.npc_clean_threshold == 0.9
-    assert args.npc_clean_set == "posterior"
+    assert args.npc_clean_set == "evidence" and args.npc_min_clean_fraction == 0.1 and args.rcl_infonce_weight == 0.5
     assert args.nitc_form == "balanced" and args.noise_max_noisy_fraction == 0.9 and args.noise_loss_momentum == 0.0
 
 
@@ -72,6 +72,8 @@ def test_srcl_alpha_schedule(tmp_path):
         (dict(noise_max_noisy_fraction=0.0), r"`noise_max_noisy_fraction` must be in \(0, 1\]"),
         (dict(noise_loss_momentum=1.0), r"`noise_loss_momentum` must be in \[0, 1\); got 1.0"),
         (dict(npc_clean_threshold=1.0), r"`npc_clean_threshold` must be in \(0, 1\)"),
+        (dict(npc_min_clean_fraction=1.0), r"`npc_min_clean_fraction` must be in \[0, 1\); got 1.0"),
+        (dict(rcl_infonce_weight=-1.0), r"`rcl_infonce_weight` \(β\) must be >= 0; got -1.0"),
         (dict(npc_clean_set="loss"), r"`npc_clean_set` must be one of \('evidence', 'posterior'\); got 'loss'"),
         (dict(method="npc", noise_warmup_epochs=0), "method 'npc' with `noise_warmup_epochs=0`.*noise_estimation_mode='pass'"),
         (dict(method="clip", noise_completion=True), "`noise_completion=True` feeds synthetic captions to NLIP's loss"),

@@ -105,6 +105,7 @@ def build_memory_bank(
     clean_prob,
     *,
     threshold: float = 0.9,
+    min_clean_fraction: float = 0.0,
     chunk_size: int = 4096,
     key_chunk_size: int | None = None,
     exclude_self: bool = True,
@@ -118,6 +119,10 @@ def build_memory_bank(
             here; any dtype, computed in float32).
         clean_prob: `[N]` clean probabilities (e.g. `NoiseEstimate.clean_prob`).
         threshold: pairs with `clean_prob > threshold` form the clean set (NPC uses 0.9).
+        min_clean_fraction: when fewer than `⌊min_clean_fraction·N⌋` pairs pass the threshold, the clean set is that
+            many pairs with the highest clean probabilities instead (only pairs with `clean_prob > 0`): a mixture that
+            separates weakly leaves a handful of pairs above any high threshold, and a memory bank of a handful of
+            pairs makes every sample's memory entries the same few pairs. 0 (default) keeps the threshold alone.
         chunk_size: queries per block; `key_chunk_size` (default `chunk_size`) clean keys per block. A block holds
             `chunk_size × key_chunk_size` float32 similarities (64 MiB at the defaults).
         exclude_self: a clean sample is not its own memory entry (default True). With it, a clean sample's memory
@@ -147,7 +152,12 @@ def build_memory_bank(
         if not bool(finite_rows.all()):
             rows = torch.nonzero(~finite_rows).squeeze(1)[:5].tolist()
             raise ValueError(f"`{name}` has non-finite values (first rows: {rows}); neighbours would be undefined.")
+    if not 0.0 <= min_clean_fraction < 1.0:
+        raise ValueError(f"`min_clean_fraction` must be in [0, 1); got {min_clean_fraction}.")
     clean_indices = torch.nonzero(clean_prob > threshold).squeeze(1)
+    floor = min(int(min_clean_fraction * num_samples), int((clean_prob > 0).sum()))
+    if clean_indices.numel() < floor:
+        clean_indices = clean_prob.topk(floor).indices.sort().values
     needed = 2 if exclude_self else 1
     if clean_indices.numel() < needed:
         raise ValueError(

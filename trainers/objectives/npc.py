@@ -2,11 +2,13 @@
 
 - **Memory bank** (`trainers.noise.memory_bank`): every `npc_memory_refresh_epochs` once the noise is estimated, each
   training pair's nearest confidently clean pairs (clean probability above `npc_clean_threshold`), by image and by
-  text, from a no-grad pass over the training set. The clean probability is the mixture's posterior (NPC,
-  `npc_clean_set="posterior"`), or with `"evidence"` the posterior with the clean weight capped at the noisy weight
+  text, from a no-grad pass over the training set. The clean probability is by default (`npc_clean_set="evidence"`)
+  the mixture's posterior with the clean weight capped at the noisy weight
   (`trainers.noise.estimation.evidence_clean_prob`): a pair then needs its loss's likelihood to favour clean, where
-  the posterior lets a mixture that calls nearly every pair clean (before the losses separate at high noise from
-  scratch) fill the bank with noisy pairs.
+  NPC's posterior (`"posterior"`) lets a mixture that calls nearly every pair clean (before the losses separate at
+  high noise from scratch) fill the bank with noisy pairs. When fewer than `npc_min_clean_fraction` (10 %) of the
+  pairs pass the threshold, the bank takes that many most probably clean pairs: a bank of a handful of pairs makes
+  every sample's memory entries the same few pairs.
 - **Confidence**: each step a sibling copy of the model (`trainers.objectives.npc_sibling.NPCSibling`) takes one optimizer step on the
   batch; a pair whose step makes its memory entries' loss worse gets a low confidence
   (`trainers.losses.npc_confidence`).
@@ -174,7 +176,8 @@ class NPCObjective(Objective):
         clean_prob = torch.where(present, 1.0 - noise_prob, torch.zeros(()))
         try:
             bank = build_memory_bank(image_features, text_features, clean_prob, threshold=self.args.npc_clean_threshold,
-                                     device=context.device, progress_bar=context.show_progress)
+                                     min_clean_fraction=self.args.npc_min_clean_fraction, device=context.device,
+                                     progress_bar=context.show_progress)
         except ValueError as error:
             logger.warning("NPC memory bank not rebuilt at epoch %d (keeping the previous one): %s", epoch, error)
             return
@@ -184,6 +187,7 @@ class NPCObjective(Objective):
     # ---------------------------------------------------------------------------------------- reporting & state
     def settings(self) -> dict[str, Any]:
         return {"npc_clean_threshold": self.args.npc_clean_threshold, "npc_clean_set": self.args.npc_clean_set,
+                "npc_min_clean_fraction": self.args.npc_min_clean_fraction,
                 "npc_memory_refresh_epochs": self.args.npc_memory_refresh_epochs}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

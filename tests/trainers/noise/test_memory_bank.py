@@ -73,6 +73,22 @@ def test_clean_set_too_small_raises():
     assert (bank.image_neighbors == 3).all() and (bank.text_neighbors == 3).all()
 
 
+def test_min_clean_fraction_takes_the_most_probably_clean_pairs():
+    image, text, _ = _features(num_samples=10)
+    clean_prob = torch.tensor([0.2, 0.95, 0.5, 0.0, 0.7, 0.1, 0.3, 0.0, 0.6, 0.0])
+    # One pair passes 0.9; a floor of 40 % takes the 4 highest clean probabilities instead.
+    bank = build_memory_bank(image, text, clean_prob, min_clean_fraction=0.4, progress_bar=False)
+    assert bank.clean_indices.tolist() == [1, 2, 4, 8]
+    # Enough pairs pass the threshold: the floor changes nothing.
+    bank = build_memory_bank(image, text, clean_prob, threshold=0.25, min_clean_fraction=0.4, progress_bar=False)
+    assert bank.clean_indices.tolist() == [1, 2, 4, 6, 8]
+    # Pairs with clean probability 0 (e.g. unseen ones) never enter: 7 are positive, a floor of 90 % takes those 7.
+    bank = build_memory_bank(image, text, clean_prob, min_clean_fraction=0.9, progress_bar=False)
+    assert bank.clean_indices.tolist() == [0, 1, 2, 4, 5, 6, 8]
+    with pytest.raises(ValueError, match=r"`min_clean_fraction` must be in \[0, 1\); got 1.0"):
+        build_memory_bank(image, text, clean_prob, min_clean_fraction=1.0, progress_bar=False)
+
+
 def test_bad_shapes():
     image, text, clean_prob = _features(num_samples=10)
     with pytest.raises(ValueError, match="same N"):

@@ -76,28 +76,32 @@ def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
 
 def test_memory_bank_clean_set_on_evidence_or_posterior(tmp_path):
     """A mixture that calls most pairs clean (clean weight 0.7, overlapping components) gives `p > 0.9` to pairs whose
-    loss is no evidence of it: `npc_clean_set="evidence"` takes the posterior with the clean weight capped; the
-    paper's and the default (`"posterior"`) takes the posterior itself."""
+    loss is no evidence of it: the default `npc_clean_set="evidence"` takes the posterior with the clean weight
+    capped; NPC's rule (`"posterior"`) takes the posterior itself. The default floor (`npc_min_clean_fraction`, 10 %:
+    6 pairs) does not bind here; a floor of 30 % grows the evidence set to 18 of the 60 pairs, the most probably clean
+    ones."""
     from trainers.noise.estimation import evidence_clean_prob
 
     pairs = synthetic_pairs(60)
     rng = np.random.default_rng(0)
     losses = torch.tensor(np.concatenate([rng.normal(1.0, 0.4, 54), rng.normal(1.8, 0.5, 6)]), dtype=torch.float32)
     clean_sets = {}
-    for clean_set in ("evidence", None):
-        overrides = {} if clean_set is None else {"npc_clean_set": clean_set}
-        clean_set = clean_set or "posterior"
-        trainer = method_trainer(tmp_path / clean_set, pairs, "npc", **overrides)
+    for name, overrides in (("evidence", {}), ("posterior", {"npc_clean_set": "posterior"}),
+                            ("floored", {"npc_min_clean_fraction": 0.3})):
+        trainer = method_trainer(tmp_path / name, pairs, "npc", **overrides)
         state = trainer.noise_state
         state.record(torch.arange(60), losses, step=0)
         state.fit(epoch=1)
         npc = trainer.objectives["npc"]
         npc.rebuild_memory_bank(1, trainer.context)
-        clean_sets[clean_set] = set(npc.memory_bank.clean_indices.tolist())
-        assert npc.settings()["npc_clean_set"] == clean_set
+        clean_sets[name] = set(npc.memory_bank.clean_indices.tolist())
+        assert npc.settings()["npc_clean_set"] == overrides.get("npc_clean_set", "evidence")
+        assert npc.settings()["npc_min_clean_fraction"] == overrides.get("npc_min_clean_fraction", 0.1)
     clean_prob = 1 - state.noise_prob
     weights = tuple(state.estimate_summary["weights"])
     assert weights[0] > 0.65
     assert clean_sets["posterior"] == set(torch.nonzero(clean_prob > 0.9).flatten().tolist())
     assert clean_sets["evidence"] == set(torch.nonzero(evidence_clean_prob(clean_prob, weights) > 0.9).flatten().tolist())
-    assert 2 <= len(clean_sets["evidence"]) < len(clean_sets["posterior"]) and clean_sets["evidence"] < clean_sets["posterior"]
+    assert 6 <= len(clean_sets["evidence"]) < 18 and clean_sets["evidence"] < clean_sets["posterior"]
+    capped = evidence_clean_prob(clean_prob, weights)
+    assert clean_sets["floored"] == set(capped.topk(18).indices.tolist()) > clean_sets["evidence"]
