@@ -399,11 +399,11 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
                 prior_model=reference if with_prior else None,
             )
             trainer.remove_callback(PrinterCallback)
-            for which, cache in trainer.feature_caches.items():
-                key = (setting.dataset, setting.max_train_samples, len(train), which)
-                trainer.feature_caches[which] = SHARED_FEATURE_CACHES.setdefault(key, cache)
-            if trainer.data_collator.is_image_cached is not None:  # the collator skips what the shared cache holds
-                trainer.data_collator.is_image_cached = trainer.feature_caches["vision"].contains
+            trainer.use_feature_caches({
+                which: SHARED_FEATURE_CACHES.setdefault((setting.dataset, setting.max_train_samples, len(train), which),
+                                                        cache)
+                for which, cache in trainer.feature_caches.items()
+            })
             output = trainer.train()
             if with_prior:
                 record["reference_pass_s"] = round(trainer.reference_pass_seconds, 2)

@@ -158,7 +158,8 @@ class NLIPTrainer(Trainer):
             **kwargs,
         )
         self.objectives = build_objectives(args)
-        self._pretraining = hasattr(self.accelerator.unwrap_model(self.model), "captioner")
+        self._unwrapped: dict[int, tuple[nn.Module, nn.Module]] = {}  # `_unwrap`'s (wrapper, unwrapped model) by id
+        self._pretraining = hasattr(self._unwrap(self.model), "captioner")
         # A private copy of the collator for state passes and memory entries, so that the pairs they skip are not
         # counted twice in the training collator's `skip_report`.
         self._state_collator = copy.deepcopy(data_collator)
@@ -183,9 +184,9 @@ class NLIPTrainer(Trainer):
         unused = [name for name, value in self.context.supplied.items() if value is not None]
         if unused:
             raise ValueError(f"`{unused[0]}` is given but method {args.method!r} does not use it.")
-        if self._pixels_only_feed_the_cached_tower():
-            # Cached images are not decoded again (a LiT epoch after the first then costs little more than the heads).
-            self.data_collator.is_image_cached = self.feature_caches["vision"].contains
+        # The training set as the collators read it (its image column left encoded while they skip cached images).
+        self._collated_train_dataset = train_dataset
+        self._skip_cached_images()
         self._prior_model = prior_model
         self.add_callback(
             TrainingScheduleCallback(_DataHooks(self), self.noise, list(self.objectives.values()), self.context)
@@ -242,7 +243,7 @@ class NLIPTrainer(Trainer):
     def _setup_tower_locking(self) -> dict[str, FeatureCache]:
         """Lock the towers named by `freeze_vision_tower` / `freeze_text_tower` and create the feature caches of the
         fully locked towers of a dual encoder (`trainers.feature_cache.lock_towers`)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._unwrap(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return lock_towers(
             base, self.args, num_samples=self.noise_state.num_samples if self._row_of_index is not None else None,
@@ -250,10 +251,31 @@ class NLIPTrainer(Trainer):
             num_processes=self.accelerator.num_processes,
         )
 
+    def _skip_cached_images(self) -> None:
+        """Let the collators skip the images the locked vision tower's cache holds, in training batches, state passes
+        and memory entries alike (a LiT epoch after the first then costs little more than the heads); the image column
+        then stays encoded until they decode the others."""
+        if not self._pixels_only_feed_the_cached_tower():
+            return
+        for collator in (self.data_collator, self._state_collator):
+            collator.is_image_cached = self.feature_caches["vision"].contains
+        self._collated_train_dataset = images_left_encoded(self.train_dataset)
+
+    def use_feature_caches(self, caches: dict[str, FeatureCache]) -> None:
+        """Serve the locked towers' outputs from `caches` (by tower: `"vision"`, `"text"`) instead of this trainer's
+        own, e.g. caches filled by an earlier run on the same training set with the same locked towers (a
+        hyper-parameter sweep); the collators then skip the images they hold."""
+        unknown = sorted(set(caches) - set(self.feature_caches))
+        if unknown:
+            raise ValueError(f"use_feature_caches: this trainer has no locked, cached {unknown[0]!r} tower (cached: "
+                             f"{sorted(self.feature_caches)}).")
+        self.feature_caches.update(caches)
+        self._skip_cached_images()
+
     def _pixels_only_feed_the_cached_tower(self) -> bool:
         """Whether the training batches' pixels go nowhere but into the cached, locked image tower: no objective (a
-        reference model, NPC's sibling, a captioner) and no state pass reads them, and the collator runs in this
-        process (DataLoader workers hold copies of the cache that never fill)."""
+        reference model, a captioner; NPC's sibling shares the cache) and no state pass reads them, and the collator
+        runs in this process (DataLoader workers hold copies of the cache that never fill)."""
         args = self.args
         return (
             "vision" in self.feature_caches
@@ -274,7 +296,7 @@ class NLIPTrainer(Trainer):
             is_pretraining=self._pretraining,
             supplied=dict(supplied),
             device=self.args.device,
-            model=lambda: self.accelerator.unwrap_model(self.model),
+            model=lambda: self._unwrap(self.model),
             optimizer=lambda: self.optimizer,
             log=self.log,
             track=self._track,
@@ -365,7 +387,7 @@ class NLIPTrainer(Trainer):
         for name in ("lm_loss", "ir_loss"):
             if outputs.get(name) is not None:
                 self._track(f"pretraining/{name}", outputs[name])
-        loss = self.accelerator.unwrap_model(model).weighted_loss(
+        loss = self._unwrap(model).weighted_loss(
             contrastive_loss=contrastive, lm_loss=outputs.lm_loss, ir_loss=outputs.ir_loss
         )
         return loss, details
@@ -439,7 +461,7 @@ class NLIPTrainer(Trainer):
     def _cached_tower_output(self, which: str, model: nn.Module, index: torch.Tensor, **inputs) -> torch.Tensor:
         """The locked `which` tower's pooled outputs of the examples `index` from its feature cache (computed and
         stored on a miss; `trainers.feature_cache.locked_tower_output`); the hit rate goes into the training logs."""
-        base = self.accelerator.unwrap_model(model)
+        base = self._unwrap(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         features, hit = locked_tower_output(self.feature_caches[which], which, base, index, **inputs)
         self._track(f"feature_cache/{which}_hit_rate", hit.float().mean())
@@ -447,12 +469,12 @@ class NLIPTrainer(Trainer):
 
     def _embed_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings from `get_image_features` of the unwrapped model (no-grad passes)."""
-        features = self.accelerator.unwrap_model(model).get_image_features(pixel_values=pixel_values)
+        features = self._unwrap(model).get_image_features(pixel_values=pixel_values)
         return nn.functional.normalize(embedding_tensor(features), dim=-1)
 
     def _embed_texts(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised text embeddings from `get_text_features` of the unwrapped model (no-grad passes)."""
-        features = self.accelerator.unwrap_model(model).get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        features = self._unwrap(model).get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return nn.functional.normalize(embedding_tensor(features), dim=-1)
 
     def _concat_texts(self, texts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,9 +490,17 @@ class NLIPTrainer(Trainer):
             padded_masks.append(nn.functional.pad(mask, (0, extra), value=0))
         return torch.cat(padded_ids), torch.cat(padded_masks)
 
+    def _unwrap(self, model: nn.Module) -> nn.Module:
+        """`accelerator.unwrap_model(model)`, remembered per wrapper: accelerate walks every module on each call (to
+        look for compiled regions), milliseconds per call with large towers, and a step unwraps several times."""
+        remembered = self._unwrapped.get(id(model))
+        if remembered is None or remembered[0] is not model:
+            remembered = self._unwrapped[id(model)] = (model, self.accelerator.unwrap_model(model))
+        return remembered[1]
+
     def _logit_scale(self, model: nn.Module) -> torch.Tensor:
         """`1/τ = exp(logit_scale)` of the (unwrapped) model; a PEFT model forwards the attribute to its base."""
-        return self.accelerator.unwrap_model(model).logit_scale.exp()
+        return self._unwrap(model).logit_scale.exp()
 
     def _track(self, name: str, value: torch.Tensor) -> None:
         """Average `value` over the steps between two logs (added to the next training log)."""
@@ -487,7 +517,7 @@ class NLIPTrainer(Trainer):
         """The training examples of dataset indices `index`, collated like a training batch (by the state collator,
         whose skips are not counted twice) and moved to the device."""
         rows = self._row_of_index[index.detach().cpu().numpy()]
-        batch = self._state_collator(dataset_rows(self.train_dataset, rows))
+        batch = self._state_collator(dataset_rows(self._collated_train_dataset, rows))
         return self._prepare_inputs({key: batch[key] for key in (*_MODEL_INPUTS, "index") if key in batch})
 
     def _tokenize_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +539,7 @@ class NLIPTrainer(Trainer):
 
     def refresh_concept_bank(self) -> None:
         """Re-embed the model's concept vocabulary with its current text tower (`build_concept_bank`)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._unwrap(self.model)
         model.build_concept_bank(model.concept_vocabulary, self.processing_class, show_progress=False)
 
     @torch.no_grad()
@@ -523,7 +553,7 @@ class NLIPTrainer(Trainer):
             if cached.image_features is not None or not features:
                 return cached
         dataloader = DataLoader(
-            self.train_dataset,
+            self._collated_train_dataset,
             batch_size=self._train_batch_size,
             shuffle=False,
             collate_fn=self._state_collator,
@@ -663,7 +693,7 @@ class NLIPTrainer(Trainer):
         reference = self._prior_model
         if reference is None and self.args.noise_prior_model is not None:
             reference = AutoModel.from_pretrained(self.args.noise_prior_model)
-        reference = reference if reference is not None else self.accelerator.unwrap_model(self.model)
+        reference = reference if reference is not None else self._unwrap(self.model)
         start = time.perf_counter()
         embeddings = compute_embeddings(reference.to(self.args.device), self.train_dataset,
                                         processor=self.processing_class, batch_size=self.args.per_device_eval_batch_size,
@@ -771,7 +801,7 @@ class NLIPTrainer(Trainer):
         the image column stays encoded until the collator decodes the others (no epoch decodes a cached image)."""
         if self.train_dataset is None or getattr(self.data_collator, "is_image_cached", None) is None:
             return super().get_train_dataloader()
-        return self._get_dataloader(dataset=images_left_encoded(self.train_dataset), description="Training",
+        return self._get_dataloader(dataset=self._collated_train_dataset, description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
                                     is_training=True)
 
@@ -830,7 +860,7 @@ class NLIPTrainer(Trainer):
     ) -> None:
         output_dir = self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._unwrap(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(base, "_auto_class", None) is not None:
             custom_object_save(base, output_dir, config=base.config)

@@ -253,3 +253,31 @@ def test_only_the_locked_tower_is_cached(tmp_path):
     trainer.train()
     assert sorted(trainer.feature_caches) == ["vision"]
     assert counts == {"vision": NUM_PAIRS, "text": 2 * NUM_PAIRS}
+
+
+def test_a_second_run_reads_the_first_runs_caches(tmp_path, monkeypatch):
+    """`use_feature_caches`: a run given the caches an earlier run on the same data filled runs no tower and decodes
+    no image, and trains exactly as a run that fills its own; a tower it does not cache is an error."""
+    import trainers.data.collator as collator_module
+
+    data = synthetic_pairs(NUM_PAIRS)
+    first, _, _ = train(tmp_path, data, "memory")
+    decoded = []
+    real_decode = collator_module.decode_image
+    monkeypatch.setattr(collator_module, "decode_image", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    model = tiny_model()
+    counts = count_tower_rows(model)
+    recorder = LossRecorder()
+    args = training_args(tmp_path / "shared", num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
+                         logging_steps=1, freeze_vision_tower=True, freeze_text_tower=True)
+    trainer = NLIPTrainer(model=model, args=args, train_dataset=data, processing_class=processor(), callbacks=[recorder])
+    trainer.use_feature_caches(first.feature_caches)
+    assert trainer.feature_caches["vision"] is first.feature_caches["vision"]
+    trainer.train()
+    assert counts == {"vision": 0, "text": 0} and decoded == []
+    own = train(tmp_path, data, "memory")
+    assert_same_training((trainer, recorder.losses, counts), own)
+    text_only = NLIPTrainer(model=tiny_model(), args=training_args(tmp_path / "text", freeze_text_tower=True),
+                            train_dataset=data, processing_class=processor())
+    with pytest.raises(ValueError, match="this trainer has no locked, cached 'vision' tower \\(cached: \\['text'\\]\\)"):
+        text_only.use_feature_caches({"vision": first.feature_caches["vision"]})

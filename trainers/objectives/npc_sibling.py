@@ -24,17 +24,23 @@ class NPCSibling:
     """The sibling model and its optimizer.
 
     Args:
-        model: the real (unwrapped) model; it is deep-copied once.
+        model: the real (unwrapped) model; it is deep-copied once, sharing the parameters that neither take
+            gradients nor are optimized.
         optimizer: the real optimizer (an accelerate wrapper is unwrapped); the sibling's optimizer has its class and
             parameter groups with their hyper-parameters (parameters mapped by name).
         max_grad_norm: gradient clipping of the sibling step (the real step's `max_grad_norm`; <= 0 disables).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0):
-        self.model = copy.deepcopy(model)
+        real_optimizer = getattr(optimizer, "optimizer", optimizer)
+        optimized = {id(param) for group in real_optimizer.param_groups for param in group["params"]}
+        # A parameter that neither takes gradients nor is optimized (a locked tower's) never changes: the sibling
+        # shares it rather than copying it, so its memory is the trainable parameters and `sync` copies only those.
+        frozen = {id(param): param for param in model.parameters()
+                  if not param.requires_grad and id(param) not in optimized}
+        self.model = copy.deepcopy(model, memo=dict(frozen))
         self.model.train(model.training)
         self.max_grad_norm = max_grad_norm
-        real_optimizer = getattr(optimizer, "optimizer", optimizer)
         name_of = {id(param): name for name, param in model.named_parameters()}
         sibling_params = dict(self.model.named_parameters())
         groups = []
@@ -44,7 +50,8 @@ class NPCSibling:
         # Every group carries all of its hyper-parameters, so the class alone rebuilds the optimizer.
         self.optimizer = type(real_optimizer)(groups)
         self._pairs = [
-            (sibling_params[name], param) for name, param in model.named_parameters() if name in sibling_params
+            (sibling_params[name], param) for name, param in model.named_parameters()
+            if name in sibling_params and sibling_params[name] is not param
         ]
         self._buffer_pairs = list(zip(self.model.buffers(), model.buffers()))
 
@@ -55,7 +62,8 @@ class NPCSibling:
             sibling_param.copy_(param)
         for sibling_buffer, buffer in self._buffer_pairs:
             sibling_buffer.copy_(buffer)
-        self.model.train(model.training)
+        if self.model.training != model.training:
+            self.model.train(model.training)
         real_optimizer = getattr(optimizer, "optimizer", optimizer)
         for sibling_group, group in zip(self.optimizer.param_groups, real_optimizer.param_groups):
             sibling_group["lr"] = group["lr"]

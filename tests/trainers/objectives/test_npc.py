@@ -49,9 +49,15 @@ def test_npc_step_matches_the_paper_equations(tmp_path, tiny_batch):
     torch.testing.assert_close(loss, contrastive_loss(images, texts, scale, sample_weights=confidence) + memory_loss)
 
 
-def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
-    """With both towers locked LiT-style, the image tower runs once per training image (first epoch); afterwards the
-    batch, NPC's sibling step, its memory entries and the memory-bank pass all read the cache."""
+def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path, monkeypatch):
+    """With both towers locked LiT-style, the image tower runs once per training image (first epoch) and each image is
+    decoded once; afterwards the batch, NPC's sibling step, its memory entries and the memory-bank pass all read the
+    cache. The sibling shares the locked towers' parameters and copies the trainable ones."""
+    import trainers.data.collator as collator_module
+
+    decoded = []
+    real_decode = collator_module.decode_image
+    monkeypatch.setattr(collator_module, "decode_image", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
     pairs = synthetic_pairs(32)
     trainer = method_trainer(tmp_path, pairs, "npc", num_train_epochs=3, noise_warmup_epochs=1, npc_clean_threshold=0.5,
                              freeze_vision_tower=True, freeze_text_tower=True, learning_rate=3e-3)
@@ -72,6 +78,12 @@ def test_npc_reads_locked_towers_from_the_feature_cache(tmp_path):
     assert npc.memory_bank is not None and npc.sibling is not None
     assert sum(count for epoch, count in calls if epoch == 0) == 32  # every image once, during the first epoch
     assert [call for call in calls if call[0] > 0] == []  # never again: cached for the sibling, memory and the pass
+    assert len(decoded) == 32  # the memory entries and the memory-bank passes decode no cached image either
+    sibling = dict(npc.sibling.model.named_parameters())
+    for name, param in model.named_parameters():
+        assert (sibling[name] is param) == (not param.requires_grad), name
+    assert {name for name, param in model.named_parameters() if param.requires_grad} >= {"logit_scale"}
+    assert len(npc.sibling._pairs) == sum(param.requires_grad for param in model.parameters())
 
 
 def test_memory_bank_clean_set_on_evidence_or_posterior(tmp_path):
