@@ -1,21 +1,27 @@
 """What the noise-estimation mixture is fit on, chosen on the robustness settings' validation splits.
 
-For each setting of `bench/robustness.py`, `nlip` runs with the learning rate and settings its robustness tuning chose
-(`bench/results/robustness_<setting>.json`; the grid's middle rate when there is none) at random noise 0.4 and 0.8,
-seeds 0-2, with the mixture fit on:
+For each setting of `bench/robustness.py`, `nlip` (or `--method npc`) runs with the learning rate and settings its
+robustness tuning chose (`bench/results/robustness_<setting>.json`; the grid's middle rate when there is none) at
+random noise 0.4 and 0.8, seeds 0-2, with the mixture fit on:
 
 - `latest`: each pair's latest loss (the default, NLIP's and NPC's choice);
 - `average 0.5`, `average 0.8`: an exponential moving average of each pair's loss over the fits
   (`--noise_loss_momentum`), which averages out how a pair's InfoNCE loss depends on its batch's negatives;
 - `first fit`: the first fit after the warm-up is kept for the rest of training (`--gmm_refit_epochs` = the epochs),
-  the early window in which the memorisation effect separates clean from noisy best.
+  the early window in which the memorisation effect separates clean from noisy best;
+- `separation 1`, `separation 2`: the latest loss, with fits whose components are closer than 1 or 2 in Ashman's D
+  not used (`--noise_min_separation`).
 
+`--variants` picks some of them (default: all).
 It reports the validation headline (mean ± std over seeds), the noise-detection ROC-AUC of the estimate training used,
-epoch by epoch, against the injected noise, and the final estimate's ROC-AUC (also against semantic noise where the
-captions are class templates). Only the validation split and the training split's injected mask are read: the test
-split is never evaluated. JSON, a Markdown table and a plot go to `bench/results/noise_fit.*`.
+epoch by epoch, against the injected noise, the mixture's separation by epoch, and the final estimate's ROC-AUC (also
+against semantic noise where the captions are class templates). Only the validation split and the training split's
+injected mask are read: the test split is never evaluated. JSON, a Markdown table and a plot go to
+`bench/results/noise_fit.*` (`noise_fit_npc.*` with `--method npc`).
 
     python bench/noise_fit.py --settings pretrained_tuxpaint pretrained_emoji  # 23 min on 1 thread
+    python bench/noise_fit.py --method npc --settings fashion_mnist --ratios 0.8 \
+        --variants latest "separation 1" "separation 2" --threads 2
     python bench/noise_fit.py --settings fashion_mnist --quick  # a smoke run
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness  # noqa: E402  (the settings, data splits and one training run of the robustness benchmark)
 
 
-METHOD = "nlip"
+METHODS = ("nlip", "npc")
 DEFAULT_SETTINGS = ("pretrained_tuxpaint", "pretrained_emoji", "fashion_mnist")
 
 
@@ -50,48 +57,56 @@ def variants(epochs: int) -> dict[str, dict[str, Any]]:
         "average 0.5": {"noise_loss_momentum": 0.5},
         "average 0.8": {"noise_loss_momentum": 0.8},
         "first fit": {"gmm_refit_epochs": epochs},
+        "separation 1": {"noise_min_separation": 1.0},
+        "separation 2": {"noise_min_separation": 2.0},
     }
+VARIANTS = tuple(variants(1))
 
 
-def tuned(setting_name: str, setting: robustness.Setting, results_dir: Path) -> tuple[float, dict[str, Any], str]:
-    """`METHOD`'s learning rate and settings from the setting's robustness tuning, and where they came from."""
+def tuned(method: str, setting_name: str, setting: robustness.Setting,
+          results_dir: Path) -> tuple[float, dict[str, Any], str]:
+    """`method`'s learning rate and settings from the setting's robustness tuning, and where they came from."""
     path = results_dir / f"robustness_{setting_name}.json"
     if path.exists():
         for record in json.loads(path.read_text())["tuning"]:
-            if record["method"] == METHOD and record.get("learning_rate") is not None:
+            if record["method"] == method and record.get("learning_rate") is not None:
                 return record["learning_rate"], record["method_settings"] or {}, str(path.name)
     return setting.learning_rates[len(setting.learning_rates) // 2], {}, "the grid's middle learning rate"
 
 
 def summarise(runs: list[dict[str, Any]], headline: tuple[str, ...]) -> dict[str, Any]:
     """Per variant: validation headline, mean per-epoch ROC-AUC and final ROC-AUCs (mean ± std over seeds), and the
-    per-epoch ROC-AUC averaged over seeds."""
+    per-epoch ROC-AUC and separation (Ashman's D of the fits used) averaged over seeds."""
     by_epoch = [r["noise_roc_auc_by_epoch"] for r in runs if r.get("noise_roc_auc_by_epoch")]
+    separations = [r.get("noise_separation_by_epoch") or [] for r in runs if not r["error"]]
     detection = [r.get("noise_detection") or {} for r in runs]
     return {
         "val_headline": robustness.mean_std([robustness.value_at(r, ("val", *headline)) for r in runs]),
         "mean_epoch_roc_auc": robustness.mean_std([statistics.fmean(e) for e in by_epoch]),
         "roc_auc_by_epoch": [statistics.fmean(column) for column in zip(*by_epoch)] if by_epoch else [],
+        "separation_by_epoch": [[round(value, 3) for value in run] for run in separations],
         "final_roc_auc": robustness.mean_std([d.get("roc_auc") for d in detection]),
         "final_semantic_roc_auc": robustness.mean_std([d.get("semantic_roc_auc") for d in detection]),
         "errors": [r["error"] for r in runs if r["error"]],
     }
 
 
-def run_setting(setting_name: str, setting: robustness.Setting, ratios: list[float], seeds: list[int],
-                results_dir: Path, bar: tqdm) -> dict[str, Any]:
+def run_setting(method: str, setting_name: str, setting: robustness.Setting, ratios: list[float], seeds: list[int],
+                chosen: list[str], results_dir: Path, bar: tqdm) -> dict[str, Any]:
     splits = robustness.load_splits(setting)
     captions = list(robustness.iter_captions(splits.train))
     if setting.model_size is not None:
         splits = robustness.pre_resized(splits, robustness.build_model(setting, captions)[1])
-    learning_rate, method_settings, source = tuned(setting_name, setting, results_dir)
+    learning_rate, method_settings, source = tuned(method, setting_name, setting, results_dir)
     cells = []
     for ratio in ratios:
         val = robustness.noisy(splits.val, setting, "random", ratio, seed=10_000)
         for name, overrides in variants(setting.epochs).items():
+            if name not in chosen:
+                continue
             bar.set_postfix_str(f"{setting_name} {ratio} {name}")
             runs = [robustness.run_one(setting, splits, robustness.noisy(splits.train, setting, "random", ratio, seed),
-                                       val, METHOD, learning_rate, seed, captions, evaluate_test=False,
+                                       val, method, learning_rate, seed, captions, evaluate_test=False,
                                        method_settings={**method_settings, **overrides})
                     for seed in seeds]
             cells.append({"noise_ratio": ratio, "variant": name, "settings": overrides, "runs": runs,
@@ -112,14 +127,14 @@ def _number(value: float | None, digits: int) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Command: `{results['command']}` ({results['total_wall_time_s'] / 60:.0f} min; seeds {results['seeds']}; "
-             f"`{METHOD}`, random noise; validation split only).", ""]
+             f"`{results['method']}`, random noise; validation split only).", ""]
     for block in results["settings"]:
         tuned_settings = "".join(f", {name}={value}" for name, value in block["method_settings"].items())
         lines += [f"**{block['setting']}** — {block['num_train_pairs']} train / {block['num_val_pairs']} validation "
                   f"pairs, {block['epochs']} epochs, lr {block['learning_rate']:g}{tuned_settings} "
                   f"(from {block['tuned_from']})", "",
                   "| noise | fit on | validation headline | ROC-AUC, mean over epochs | ROC-AUC by epoch | final ROC-AUC "
-                  "| final semantic ROC-AUC |", "|---|---|---|---|---|---|---|"]
+                  "| final semantic ROC-AUC | separation (D) by epoch, per seed |", "|---|---|---|---|---|---|---|---|"]
         for cell in block["cells"]:
             s = cell["summary"]
             chosen = block["best_on_validation"].get(str(cell["noise_ratio"])) == cell["variant"]
@@ -129,7 +144,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_number(s['val_headline']['std'], 1)} | {_number(s['mean_epoch_roc_auc']['mean'], 3)} ± "
                 f"{_number(s['mean_epoch_roc_auc']['std'], 3)} | "
                 f"{' / '.join(f'{v:.2f}' for v in s['roc_auc_by_epoch']) or '—'} | "
-                f"{_number(s['final_roc_auc']['mean'], 3)} | {_number(s['final_semantic_roc_auc']['mean'], 3)} |")
+                f"{_number(s['final_roc_auc']['mean'], 3)} | {_number(s['final_semantic_roc_auc']['mean'], 3)} | "
+                f"{'; '.join(' / '.join(f'{v:.1f}' for v in run) or 'none used' for run in s['separation_by_epoch'])} |")
         lines.append("")
     lines.append("**Bold**: the best validation headline at that noise level.")
     return "\n".join(lines)
@@ -163,6 +179,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, default="nlip", help="the method whose estimate is compared")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the fitting choices to compare (default: all)")
     parser.add_argument("--settings", nargs="+", choices=list(robustness.SETTINGS), default=list(DEFAULT_SETTINGS))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.8], help="random-noise ratios")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -186,19 +205,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    bar = tqdm(total=len(args.settings) * len(args.ratios) * 4, desc="noise fit", disable=args.no_progress)
+    bar = tqdm(total=len(args.settings) * len(args.ratios) * len(args.variants), desc="noise fit", disable=args.no_progress)
     blocks = []
     for name in args.settings:
         setting = robustness.SETTINGS[name]
         if args.quick:
             setting = replace(setting, **robustness.QUICK_OVERRIDES[name])
-        blocks.append(run_setting(name, setting, args.ratios, args.seeds, args.output_dir, bar))
+        blocks.append(run_setting(args.method, name, setting, args.ratios, args.seeds, args.variants, args.output_dir,
+                                  bar))
     bar.close()
-    results = {"benchmark": "noise_fit", "method": METHOD, "seeds": args.seeds, "ratios": args.ratios,
+    results = {"benchmark": "noise_fit", "method": args.method, "seeds": args.seeds, "ratios": args.ratios,
                "quick": args.quick, "settings": blocks,
-               "command": " ".join(["python bench/noise_fit.py", *(sys.argv[1:] if argv is None else argv)]),
+               "command": shlex.join(["python", "bench/noise_fit.py", *(sys.argv[1:] if argv is None else argv)]),
                "total_wall_time_s": round(time.perf_counter() - start, 1)}
-    return robustness.write_outputs(args.output_dir / "noise_fit.json", results, plot, markdown)
+    name = "noise_fit" if args.method == "nlip" else f"noise_fit_{args.method}"
+    return robustness.write_outputs(args.output_dir / f"{name}.json", results, plot, markdown)
 
 
 if __name__ == "__main__":

@@ -414,6 +414,9 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
         # The ROC-AUC of the estimate training used, epoch by epoch (the trainer's `noise/roc_auc` logs).
         record["noise_roc_auc_by_epoch"] = [entry["noise/roc_auc"] for entry in trainer.state.log_history
                                             if "noise/roc_auc" in entry]
+        # The mixture's separation (Ashman's D) at each usable fit (the trainer's `noise/separation` logs).
+        record["noise_separation_by_epoch"] = [entry["noise/separation"] for entry in trainer.state.log_history
+                                               if "noise/separation" in entry]
         record["noise_detection"] = noise_detection(
             trainer, train, splits.data.label_column if setting.class_captions else None
         )

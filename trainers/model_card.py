@@ -46,6 +46,7 @@ NOISE_STATISTIC_LABELS = {
     "roc_auc": "Noise-detection ROC-AUC vs. ground truth",
     "precision": "Noise-detection precision vs. ground truth",
     "recall": "Noise-detection recall vs. ground truth",
+    "separation": "Separation of the mixture's components (Ashman's D; > 2: two distinct modes)",
     "num_pairs": "Pairs scored",
     "epoch": "Epoch of the estimate",
 }

@@ -209,7 +209,8 @@ class NLIPTrainer(Trainer):
                 )
             state = NoiseState(
                 0, growable=True, max_fit_samples=args.gmm_max_fit_samples,
-                max_noisy_fraction=args.noise_max_noisy_fraction, loss_momentum=args.noise_loss_momentum, seed=args.seed,
+                max_noisy_fraction=args.noise_max_noisy_fraction, min_separation=args.noise_min_separation,
+                loss_momentum=args.noise_loss_momentum, seed=args.seed,
             )
             return None, NoiseTracker(state, None, args, pass_features=pass_features)
         columns = getattr(dataset, "column_names", None)
@@ -234,7 +235,7 @@ class NLIPTrainer(Trainer):
             )
         state = NoiseState(
             num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
-            loss_momentum=args.noise_loss_momentum, seed=args.seed,
+            min_separation=args.noise_min_separation, loss_momentum=args.noise_loss_momentum, seed=args.seed,
         )
         present = torch.zeros(num_samples, dtype=torch.bool)
         present[torch.from_numpy(indices)] = True

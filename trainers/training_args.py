@@ -101,6 +101,15 @@ class NLIPTrainingArguments(TrainingArguments):
             "pair is then treated as clean until the next fit, and the reason is logged). 1.0 trusts every fit."
         },
     )
+    noise_min_separation: float = field(
+        default=0.0,
+        metadata={
+            "help": "A noise-estimation fit whose two components are closer than this in Ashman's D, |μ_noisy − "
+            "μ_clean|·√(2 / (σ²_clean + σ²_noisy)), is not used (every pair is then treated as clean until the next "
+            "fit, and the reason is logged): before the losses separate, the mixture splits them by spread, not by "
+            "level (D < 1). 2 is the usual bar for two distinct modes; 0 trusts every fit."
+        },
+    )
     noise_loss_momentum: float = field(
         default=0.0,
         metadata={
@@ -264,6 +273,8 @@ class NLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"`noise_prior_weight` must be in [0, 1]; got {self.noise_prior_weight}.")
         if not 0.0 <= self.noise_loss_momentum < 1.0:
             raise ValueError(f"`noise_loss_momentum` must be in [0, 1); got {self.noise_loss_momentum}.")
+        if self.noise_min_separation < 0.0:
+            raise ValueError(f"`noise_min_separation` must be >= 0; got {self.noise_min_separation}.")
         if not 0.0 < self.noise_max_noisy_fraction <= 1.0:
             raise ValueError(f"`noise_max_noisy_fraction` must be in (0, 1]; got {self.noise_max_noisy_fraction}.")
         if self.srcl_weight_temperature <= 0:

@@ -247,7 +247,7 @@ def test_model_card_and_training_summary(tmp_path):
 
     pairs = synthetic_pairs(32)
     args = training_args(tmp_path / "tiny-run", method="nlip+srcl", per_device_train_batch_size=8, num_train_epochs=2,
-                         eval_strategy="epoch")
+                         eval_strategy="epoch", noise_min_separation=0.5)
     trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, eval_dataset=pairs.select(range(8)),
                           processing_class=processor())
     trainer.train()
@@ -255,6 +255,7 @@ def test_model_card_and_training_summary(tmp_path):
     summary = TrainingSummary.load(tmp_path / "tiny-run")
     assert summary.model_name == "tiny-run" and summary.method == "nlip+srcl" and summary.base_model == "nlip-tester/base"
     assert summary.noise_settings["srcl_weight_temperature"] == 0.1 and summary.noise_settings["noise_warmup_epochs"] == 1
+    assert summary.noise_settings["noise_min_separation"] == 0.5 and trainer.noise_state.estimator.min_separation == 0.5
     assert summary.noise_statistics["roc_auc"] == pytest.approx(trainer.noise_state.statistics["noise/roc_auc"])
     assert summary.noise_statistics["num_pairs"] == 32 and summary.noise_statistics["epoch"] == 2
     assert summary.training_hyperparameters["optimizer"] == "adamw_torch"

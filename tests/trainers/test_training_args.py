@@ -71,6 +71,7 @@ def test_srcl_alpha_schedule(tmp_path):
         (dict(nitc_form="mean"), r"`nitc_form` must be one of \('balanced', 'paper'\); got 'mean'"),
         (dict(noise_max_noisy_fraction=0.0), r"`noise_max_noisy_fraction` must be in \(0, 1\]"),
         (dict(noise_loss_momentum=1.0), r"`noise_loss_momentum` must be in \[0, 1\); got 1.0"),
+        (dict(noise_min_separation=-0.5), r"`noise_min_separation` must be >= 0; got -0.5"),
         (dict(npc_clean_threshold=1.0), r"`npc_clean_threshold` must be in \(0, 1\)"),
         (dict(npc_min_clean_fraction=1.0), r"`npc_min_clean_fraction` must be in \[0, 1\); got 1.0"),
         (dict(rcl_infonce_weight=-1.0), r"`rcl_infonce_weight` \(β\) must be >= 0; got -1.0"),

@@ -51,6 +51,7 @@ class NoiseState:
         growable: streaming data of unknown size: the bank and the noise probabilities grow with the indices seen.
         max_fit_samples: the most losses the mixture is fit on.
         max_noisy_fraction: a fit that calls more than this fraction noisy is not used (`CleanProbabilityEstimator`).
+        min_separation: a fit whose components are closer than this in Ashman's D is not used (same place).
         loss_momentum: what the mixture is fit on. 0: each pair's latest loss. `m` in (0, 1): an exponential moving
             average over the fits, `L̄_i ← m·L̄_i + (1 − m)·L_i` for every pair whose loss was recorded since the
             previous fit (its first loss starts the average), which smooths out how a pair's InfoNCE loss depends on
@@ -82,6 +83,7 @@ class NoiseState:
         growable: bool = False,
         max_fit_samples: int = 100_000,
         max_noisy_fraction: float = 0.9,
+        min_separation: float = 0.0,
         loss_momentum: float = 0.0,
         seed: int = 0,
     ):
@@ -92,7 +94,8 @@ class NoiseState:
         self.fit_losses: torch.Tensor | None = None
         self.fit_losses_step = -1
         self.estimator = CleanProbabilityEstimator(
-            max_fit_samples=max_fit_samples, max_noisy_fraction=max_noisy_fraction, seed=seed
+            max_fit_samples=max_fit_samples, max_noisy_fraction=max_noisy_fraction, min_separation=min_separation,
+            seed=seed,
         )
         self._noise_prob = torch.zeros(num_samples, dtype=torch.float32)
         self.prepared_epoch = -1
@@ -195,6 +198,7 @@ class NoiseState:
             "variances": estimate.variances,
             "weights": estimate.weights,
             "loss_threshold": estimate.loss_threshold,
+            "separation": estimate.separation,
             "fallback_reason": estimate.reason,
         }
         return estimate
@@ -213,6 +217,9 @@ class NoiseState:
         means = self.estimate_summary.get("means")
         if means is not None:
             stats["noise/clean_loss_mean"], stats["noise/noisy_loss_mean"] = float(means[0]), float(means[1])
+        separation = self.estimate_summary.get("separation")  # absent from states of earlier versions
+        if separation is not None:
+            stats["noise/separation"] = float(separation)
         if is_noisy is not None and self.is_estimated and noise.numel():
             truth = is_noisy[: seen.shape[0]][seen]
             detection = noise_detection_metrics(noise, truth)

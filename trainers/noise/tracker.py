@@ -39,6 +39,7 @@ class NoiseTracker:
             "gmm_refit_epochs": args.gmm_refit_epochs,
             "noise_estimation_mode": args.noise_estimation_mode,
             "noise_max_noisy_fraction": args.noise_max_noisy_fraction,
+            "noise_min_separation": args.noise_min_separation,
             "noise_loss_momentum": args.noise_loss_momentum,
         }
         prior = self.state.reference_prior

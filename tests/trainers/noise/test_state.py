@@ -126,3 +126,27 @@ def test_noise_prob_on_evidence_caps_only_the_loss_based_part():
     _record(flat, losses.tolist(), step=0)
     flat.fit(epoch=1)
     assert torch.equal(flat.noise_prob_on_evidence(), flat.noise_prob)
+
+
+def test_min_separation_discards_an_unseparated_fit_and_the_separation_is_logged():
+    """`min_separation` reaches the estimator: losses split by spread (one level, D < 1) are not used (ε stays 0, the
+    reason is kept), while a fit of two real modes is, and its Ashman's D is in the statistics and the summary."""
+    rng = np.random.default_rng(1)
+    unseparated = np.concatenate([rng.normal(4.85, 0.2, 900), rng.normal(5.0, 1.0, 100)])
+    guarded = NoiseState(1000, min_separation=2.0)
+    _record(guarded, unseparated.tolist(), step=0)
+    guarded.fit(epoch=1)
+    assert not guarded.is_estimated and torch.equal(guarded.noise_prob, torch.zeros(1000))
+    assert guarded.estimate_summary["fallback_reason"].startswith("the mixture's components are not separated")
+    assert "noise/separation" not in guarded.compute_statistics()
+    separated = NoiseState(1000, min_separation=2.0)
+    _record(separated, np.concatenate([rng.normal(1.0, 0.3, 700), rng.normal(3.0, 0.4, 300)]).tolist(), step=0)
+    separated.fit(epoch=1)
+    (m0, m1), (v0, v1) = separated.estimate_summary["means"], separated.estimate_summary["variances"]
+    expected = abs(m1 - m0) * math.sqrt(2 / (v0 + v1))
+    assert separated.is_estimated and expected > 4
+    assert separated.compute_statistics()["noise/separation"] == pytest.approx(expected, rel=1e-6)
+    tensors, metadata = separated.state_dict()
+    restored = NoiseState(1000)
+    restored.load_state_dict(tensors, metadata)
+    assert restored.estimator.min_separation == 2.0
