@@ -180,7 +180,7 @@ def test_remote_code_loads_a_timm_tower_without_the_package(checkpoint, inputs, 
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # Another process may use another thread count and so another summation order: float32 rounding only.
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), outputs.image_embeds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), outputs.image_embeds, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_shot_pipeline_with_a_timm_tower(checkpoint, images, processor):

@@ -34,6 +34,10 @@ def test_legacy_checkpoint_resumes_to_the_uninterrupted_weights(resumed):
     state = resumed.model.state_dict()
     assert state.keys() == final.keys()
     for name, tensor in final.items():
+        if name.endswith("self_attn.k_proj.bias"):
+            # Softmax ignores a key bias: its gradient is 0 up to rounding, which Adam scales to lr-sized steps, so this
+            # weight follows the CPU's summation order (seen: 5e-4 apart on AMD EPYC), not the resume.
+            continue
         torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=f"weight {name}")
 
 
