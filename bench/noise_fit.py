@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    bar = tqdm(total=len(args.settings) * len(args.ratios) * len(args.variants), desc="noise fit", disable=args.no_progress)
+    bar = tqdm(total=len(args.settings) * len(args.ratios) * len(args.variants), desc="noise fit",
+               disable=args.no_progress)
     blocks = []
     for name in args.settings:
         setting = robustness.SETTINGS[name]

@@ -200,6 +200,12 @@ class NLIPTrainer(Trainer):
             return None, None
         args = self.args
         pass_features = any(objective.uses_train_set_features() for objective in self.objectives.values())
+
+        def noise_state(num_samples: int, growable: bool = False) -> NoiseState:
+            return NoiseState(num_samples, growable=growable, max_fit_samples=args.gmm_max_fit_samples,
+                              max_noisy_fraction=args.noise_max_noisy_fraction, min_separation=args.noise_min_separation,
+                              loss_momentum=args.noise_loss_momentum, seed=args.seed)
+
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
             needs = [need for need in (o.map_style_requirement() for o in self.objectives.values()) if need]
             if needs:
@@ -207,12 +213,7 @@ class NLIPTrainer(Trainer):
                     f"{' and '.join(needs)} look{'s' if len(needs) == 1 else ''} examples up by index, which needs a "
                     "map-style train_dataset; got a streaming (iterable) dataset."
                 )
-            state = NoiseState(
-                0, growable=True, max_fit_samples=args.gmm_max_fit_samples,
-                max_noisy_fraction=args.noise_max_noisy_fraction, min_separation=args.noise_min_separation,
-                loss_momentum=args.noise_loss_momentum, seed=args.seed,
-            )
-            return None, NoiseTracker(state, None, args, pass_features=pass_features)
+            return None, NoiseTracker(noise_state(0, growable=True), None, args, pass_features=pass_features)
         columns = getattr(dataset, "column_names", None)
         if columns is None or "index" not in columns:
             raise ValueError(
@@ -233,10 +234,7 @@ class NLIPTrainer(Trainer):
             is_noisy[torch.from_numpy(indices)] = torch.from_numpy(
                 np.asarray(dataset.with_format("numpy")["is_noisy"], dtype=bool)
             )
-        state = NoiseState(
-            num_samples, max_fit_samples=args.gmm_max_fit_samples, max_noisy_fraction=args.noise_max_noisy_fraction,
-            min_separation=args.noise_min_separation, loss_momentum=args.noise_loss_momentum, seed=args.seed,
-        )
+        state = noise_state(num_samples)
         present = torch.zeros(num_samples, dtype=torch.bool)
         present[torch.from_numpy(indices)] = True
         return row_of_index, NoiseTracker(state, is_noisy, args, pass_features=pass_features, present=present)
