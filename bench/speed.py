@@ -175,7 +175,9 @@ def compare(
 
 
 def _verdict(key: str, ratio: float) -> dict:
+    """The target for ``key`` and whether ``ratio``, as reported (rounded by ``_round``), meets it."""
     kind, value = TARGETS[key]
+    ratio = _round(ratio)
     met = ratio >= value if kind == "min" else ratio <= value
     return {"target": f"{'>=' if kind == 'min' else '<='} {value}", "met": met}
 

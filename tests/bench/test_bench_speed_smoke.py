@@ -102,6 +102,15 @@ def test_same_size_models_and_recorded_settings(quick_run):
     assert output.with_suffix(".png").stat().st_size > 0
 
 
+def test_verdict_judges_the_reported_ratio():
+    """A ratio that prints as the target meets it (1.05004 is reported as 1.05), one just above does not."""
+    verdict = load_bench_script("speed")._verdict
+    assert verdict("nlip", 1.05004) == {"target": "<= 1.05", "met": True}
+    assert verdict("nlip", 1.051)["met"] is False
+    assert verdict("training_samples_per_s", 0.99996)["met"] is True
+    assert verdict("training_samples_per_s", 0.999)["met"] is False
+
+
 def test_bad_arguments_are_rejected(capsys):
     speed = load_bench_script("speed")
     cases = ((["--threads", "0"], "--threads must be >= 1, got 0"), (["--warmup", "-1"], "--warmup must be >= 0"))
