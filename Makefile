@@ -54,7 +54,7 @@ demo: setup data
 	$(PY) nlip_cli/demo.py
 
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) outputs .pytest_cache
