@@ -53,8 +53,10 @@ data:
 demo: setup data
 	$(PY) nlip_cli/demo.py
 
+# 2 worker processes (pytest-xdist) by default, one file per worker at a time; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) outputs .pytest_cache

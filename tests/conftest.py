@@ -30,3 +30,12 @@ def _restore_log_levels():
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     transformers.logging.set_verbosity(verbosity)
+
+
+# The README's blocks run in order in one worker (`make test`: pytest-xdist, one file per worker) and are the longest
+# file: collected first, it starts first, and the other worker takes the rest of the suite meanwhile.
+LONGEST_FILE = "test_readme.py"
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name != LONGEST_FILE)  # stable: every file keeps its own order

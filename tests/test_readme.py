@@ -9,6 +9,7 @@ runnable or marked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -130,8 +131,6 @@ def _check_outputs(block: Block, workdir) -> None:
         assert (root / "quickstart/nlip/model.safetensors").is_file()
         for name in ("train_results.json", "eval_results.json", "all_results.json", "README.md"):
             assert (root / "quickstart/nlip" / name).is_file(), name
-        import json
-
         results = json.loads((root / "quickstart/nlip/all_results.json").read_text())
         assert "eval_zero_shot_top1" in results  # the string labels of metadata.jsonl work for zero-shot
     if "classify = pipeline(" in block.code:
@@ -152,3 +151,13 @@ def _check_outputs(block: Block, workdir) -> None:
         assert (root / "quickstart/lora/lora_adapter/adapter_config.json").is_file()
         assert (root / "quickstart/lora-eval/eval_results.json").is_file()
         assert not (root / "quickstart/lora-eval/train_results.json").exists()
+    if "torchrun --standalone --nproc_per_node 2" in block.code:
+        # The streaming recipe: 2 gloo processes, checkpoints every 4 steps, then a resume of checkpoint-8 to step 12.
+        assert "--ddp_backend gloo" in block.code and "--resume_from_checkpoint latest" in block.code
+        output = root / "quickstart/stream"
+        assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == \
+            ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+        assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 12
+        noise = json.loads((output / "nlip_noise_state.json").read_text())
+        assert noise["data_fingerprint"]["kind"] == "stream" and noise["data_fingerprint"]["num_shards"] == 4
+        assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
