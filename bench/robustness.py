@@ -69,7 +69,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, set_seed
 
-from trainers.data.sources import DataArguments, ImageTextData, iter_captions, load_pairs
+from trainers.data.sources import REAL_DATASETS, DataArguments, ImageTextData, iter_captions, load_pairs
 from trainers.models import ModelArguments, ModelPreset, build_preset_model, preset_config, preset_processor
 from modeling_nlip import NLIPModel
 from trainers.data.collator import ImageTextCollator
@@ -94,6 +94,10 @@ TARGET_RETENTION_AT = 0.6
 TARGET_RETENTION = 0.90
 TARGET_ROC_AUC_AT = 0.4
 TARGET_ROC_AUC = 0.95
+# A reference dataset's picture whose signature (`image_signatures`) has at least this cosine with one of the setting's
+# images is the same picture. Openclipart holds the sources of several Tux Paint stamps (cosine 0.998-1.000, edited
+# copies 0.95-0.97); the closest distinct pictures reach 0.93 (emoji "brown circle" and the basketball stamp).
+NEAR_DUPLICATE_COSINE = 0.95
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,10 @@ class Setting:
     class_captions: bool = False  # captions are class templates: noise detection also against semantic noise
     swap_within: str | None = None  # category column of the hard swap
     differ_by: str | None = None  # ... and the column whose value must differ
-    # The reference model of `METHOD@reference` runs (and of the zero-shot row): `clip` trained LiT-style on this other
-    # dataset's clean pairs — it never sees this setting's captions or test split.
-    reference_dataset: str | None = None
+    # The reference model of `METHOD@reference` runs (and of the zero-shot row): `clip` trained LiT-style on the clean
+    # pairs of these other datasets, less every picture that is a near-duplicate of one of this setting's (training
+    # pool or test): it never sees this setting's captions, training images or test split.
+    reference_datasets: tuple[str, ...] = ()
 
 
 SETTINGS: dict[str, Setting] = {
@@ -141,7 +146,9 @@ SETTINGS: dict[str, Setting] = {
         model_size="pretrained-small",
         freeze_towers=True,
         swap_within="category",
-        reference_dataset="emoji",
+        # `bench/reference_choice.py`: emoji, emoji + Openclipart and Openclipart give priors within 0.04 ROC-AUC;
+        # Openclipart (the validation's zero-shot choice) made the `@reference` rows worse at 60-80 % noise.
+        reference_datasets=("emoji",),
     ),
     "fashion_mnist": Setting(
         dataset="fashion_mnist",
@@ -168,7 +175,7 @@ SETTINGS: dict[str, Setting] = {
 # Emoji has no categories (no hard swap); 800 of its pairs and three noise levels keep the whole table near 45 min.
 SETTINGS["pretrained_emoji"] = replace(SETTINGS["pretrained_tuxpaint"], dataset="emoji", noise_ratios=(0.0, 0.4, 0.8),
                                       hard_noise_ratios=(), max_train_samples=800, swap_within=None,
-                                      reference_dataset="tuxpaint")
+                                      reference_datasets=("tuxpaint",))
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
     name: dict(noise_ratios=(0.0, 0.4), hard_noise_ratios=setting.hard_noise_ratios[:1], epochs=2,
                learning_rates=setting.learning_rates[1:3], max_train_samples=96, max_eval_samples=32, batch_size=32)
@@ -211,8 +218,8 @@ def load_splits(setting: Setting) -> Splits:
     return Splits(train=train, val=val, test=data.eval, data=data)
 
 
-def pre_resized(splits: Splits, processor) -> Splits:
-    """The splits with every image already converted to RGB and resized to the processor's shortest edge, once: the
+def resized_images(dataset: datasets.Dataset, processor) -> datasets.Dataset:
+    """The dataset with every image already converted to RGB and resized to the processor's shortest edge, once: the
     processor's own resize is then an identity (PIL returns a copy at equal size), so the pixels the model sees are
     unchanged while every epoch of every run skips decoding and resizing the full-size originals."""
     image_processor = processor.image_processor
@@ -225,7 +232,12 @@ def pre_resized(splits: Splits, processor) -> Splits:
         size = (edge, max(edge, round(height * scale))) if width <= height else (max(edge, round(width * scale)), edge)
         return {"image": image.resize(size, resample=resample)}
 
-    return replace(splits, train=splits.train.map(resize), val=splits.val.map(resize), test=splits.test.map(resize))
+    return dataset.map(resize)
+
+
+def pre_resized(splits: Splits, processor) -> Splits:
+    """`resized_images` of every split."""
+    return replace(splits, **{name: resized_images(getattr(splits, name), processor) for name in ("train", "val", "test")})
 
 
 def noisy(dataset: datasets.Dataset, setting: Setting, noise_type: str, ratio: float, seed: int) -> datasets.Dataset:
@@ -383,7 +395,7 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
     try:
         base_method, with_prior = split_method(method)
         if with_prior and reference is None:
-            raise ValueError(f"{method}: the setting has no reference model (Setting.reference_dataset)")
+            raise ValueError(f"{method}: the setting has no reference model (Setting.reference_datasets)")
         with tempfile.TemporaryDirectory(prefix="nlip-robustness-") as workdir:
             set_seed(seed)
             model, processor = build_model(setting, captions)
@@ -524,25 +536,54 @@ def run_cell(setting: Setting, splits: Splits, noise_type: str, ratio: float, me
     return cell
 
 
-def train_reference(setting: Setting) -> tuple[NLIPModel, Any, dict[str, Any]]:
-    """`clip` trained LiT-style (seed 0, the grid's middle learning rate) on the clean training pool of
-    `setting.reference_dataset`: the honest reference of this setting (other images, other captions)."""
-    reference_setting = replace(setting, dataset=setting.reference_dataset, swap_within=None, differ_by=None,
-                                val_fraction=setting.val_fraction)
-    splits = load_splits(reference_setting)
+def image_signatures(images: datasets.Dataset) -> np.ndarray:
+    """One row per image of the dataset's `image` column: its 32x32 RGB thumbnail (on white), mean-centred and of unit
+    norm (a flat image: zeros). Two pictures that are copies up to size or format have a cosine near 1."""
+    rows = []
+    for row in images.select_columns("image"):
+        pixels = np.asarray(to_rgb(row["image"]).resize((32, 32)), dtype=np.float32).ravel()
+        pixels -= pixels.mean()
+        norm = np.linalg.norm(pixels)
+        rows.append(pixels / norm if norm > 0 else pixels)
+    return np.stack(rows)
+
+
+def without_near_duplicates(candidates: datasets.Dataset, protected: list[datasets.Dataset],
+                            threshold: float = NEAR_DUPLICATE_COSINE) -> tuple[datasets.Dataset, int]:
+    """`candidates` less every row whose image signature has a cosine >= `threshold` with an image of `protected`,
+    and how many rows were removed."""
+    protected_signatures = np.concatenate([image_signatures(split) for split in protected])
+    similarity = (image_signatures(candidates) @ protected_signatures.T).max(axis=1)
+    keep = np.flatnonzero(similarity < threshold)
+    return candidates.select(keep), len(candidates) - len(keep)
+
+
+def train_reference(setting: Setting, splits: Splits) -> tuple[NLIPModel, Any, dict[str, Any]]:
+    """`clip` trained LiT-style (seed 0, the grid's middle learning rate) on the clean training pools of
+    `setting.reference_datasets`, less the near-duplicates of `splits`' images (training pool and test): the honest
+    reference of this setting (other images, other captions)."""
+    pools = [load_splits(replace(setting, dataset=name, swap_within=None, differ_by=None)).train
+             for name in setting.reference_datasets]
+    pairs = datasets.concatenate_datasets([pool.select_columns(["image", "text"]) for pool in pools])
+    pairs, num_removed = without_near_duplicates(pairs, [splits.train, splits.val, splits.test])
+    pairs = pairs.add_column("index", list(range(len(pairs))))
+    reference_setting = replace(setting, dataset=" + ".join(setting.reference_datasets), swap_within=None,
+                                differ_by=None)
     learning_rate = setting.learning_rates[len(setting.learning_rates) // 2]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nlip-reference-") as workdir:
         set_seed(0)
-        model, processor = build_model(reference_setting, list(iter_captions(splits.train)))
-        splits = pre_resized(splits, processor)
+        model, processor = build_model(reference_setting, list(iter_captions(pairs)))
+        pairs = resized_images(pairs, processor)
         trainer = NLIPTrainer(model=model, args=training_arguments(reference_setting, "clip", learning_rate, 0, workdir),
-                              data_collator=ImageTextCollator(processor, seed=0), train_dataset=splits.train,
+                              data_collator=ImageTextCollator(processor, seed=0), train_dataset=pairs,
                               processing_class=processor)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-    return model.eval(), processor, {"dataset": setting.reference_dataset, "num_train_pairs": len(splits.train),
-                                     "learning_rate": learning_rate, "train_time_s": round(time.perf_counter() - start, 1)}
+    return model.eval(), processor, {"dataset": reference_setting.dataset, "num_train_pairs": len(pairs),
+                                     "num_near_duplicates_removed": num_removed,
+                                     "near_duplicate_cosine": NEAR_DUPLICATE_COSINE, "learning_rate": learning_rate,
+                                     "train_time_s": round(time.perf_counter() - start, 1)}
 
 
 # ------------------------------------------------------------------------------------------------------ summary
@@ -741,8 +782,10 @@ def markdown(results: dict[str, Any]) -> str:
     reference = results.get("reference")
     if reference:
         value = value_at(reference, ("test", *results["headline_path"]))
+        removed = reference.get("num_near_duplicates_removed")
+        removed = f", {removed} near-duplicates of this setting's images removed" if removed is not None else ""
         lines.append(f"Zero-shot row (no training on this data): `clip` trained LiT-style on {reference['dataset']} "
-                     f"({reference['num_train_pairs']} clean pairs), test {name} {value:.1f}; it is the reference model "
+                     f"({reference['num_train_pairs']} clean pairs{removed}), test {name} {value:.1f}; it is the reference model "
                      "of the `@reference` runs.")
     return "\n".join(lines)
 
@@ -804,8 +847,8 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     if setting.model_size is not None:
         splits = pre_resized(splits, build_model(setting, captions)[1])
     reference, reference_info = None, None
-    if setting.reference_dataset is not None and any(split_method(m)[1] for m in methods):
-        reference, reference_processor, reference_info = train_reference(setting)
+    if setting.reference_datasets and any(split_method(m)[1] for m in methods):
+        reference, reference_processor, reference_info = train_reference(setting, splits)
         # The zero-shot row: the reference model, already aligned, on this setting's test split (no training on it).
         reference_info["test"] = evaluate(reference, reference_processor, splits.test, splits.data)
     plan = [("random", r) for r in setting.noise_ratios if "random" in noise_types]
@@ -912,6 +955,11 @@ def with_rerun(earlier: dict[str, Any], rerun: dict[str, Any], setting: Setting,
             raise SystemExit(f"--rerun: {path} was run with {key} = {earlier.get(key)!r}, this run has "
                              f"{rerun.get(key)!r}; rerun the whole table instead")
     methods = rerun["methods"]
+    before, after = (earlier.get("reference") or {}).get("dataset"), (rerun.get("reference") or {}).get("dataset")
+    stale = [m for m in earlier["methods"] if split_method(m)[1] and m not in methods]
+    if after is not None and before not in (None, after) and stale:
+        raise SystemExit(f"--rerun: the reference changed ({before} -> {after}); rerun {' '.join(stale)} too, so that "
+                         "every `@reference` row of the table uses one reference")
     merged = dict(earlier)
     merged["methods"] = earlier["methods"] + [m for m in methods if m not in earlier["methods"]]
     order = {m: i for i, m in enumerate(merged["methods"])}
@@ -942,6 +990,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rates", type=float, nargs="+", help="the tuning grid (default: the setting's)")
     parser.add_argument("--epochs", type=int, help="training epochs of every run (default: the setting's)")
     parser.add_argument("--max_train_samples", type=int, help="training-pool pairs (default: the setting's)")
+    parser.add_argument("--reference_datasets", nargs="+", choices=list(REAL_DATASETS),
+                        help="the datasets the reference of `@reference` runs is trained on (default: the setting's)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 epochs: a smoke run of the protocol")
     parser.add_argument("--budget_sweep", action="store_true",
@@ -976,6 +1026,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum}, got {value}")
+    if args.reference_datasets and SETTINGS[args.setting].dataset in args.reference_datasets:
+        parser.error(f"--reference_datasets: {SETTINGS[args.setting].dataset} is the setting's own dataset")
     if any(lr <= 0 for lr in args.learning_rates or []):
         parser.error("--learning_rates must be positive")
     return args
@@ -991,6 +1043,7 @@ def resolve_setting(args: argparse.Namespace) -> Setting:
         "learning_rates": tuple(args.learning_rates) if args.learning_rates else None,
         "epochs": args.epochs,
         "max_train_samples": args.max_train_samples,
+        "reference_datasets": tuple(args.reference_datasets) if args.reference_datasets else None,
     }
     return replace(setting, **{name: value for name, value in overrides.items() if value is not None})
 

@@ -6,6 +6,9 @@ import math
 import os
 import statistics
 
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from nlip_testing import load_bench_script, processor, synthetic_pairs, tiny_model
@@ -179,3 +182,29 @@ def test_locked_tower_evaluation_reuses_tower_outputs():
     shuffled = data.map(lambda row, i: {"text": data[(i + 1) % 12]["text"]}, with_indices=True)
     module.evaluate(first, processor(), shuffled, pairs, locked_towers=True)
     assert len(module.LOCKED_TOWER_OUTPUTS) == 2
+
+
+def test_reference_pairs_lose_the_near_duplicates_of_the_settings_images():
+    """The honest reference never sees a picture of the setting: a copy of one (twice the size, RGBA) is removed from
+    the reference's pairs and counted; distinct pictures are kept."""
+    module = load_bench_script("robustness")
+    rng = np.random.default_rng(0)
+    # Smooth random pictures (a 4x4 random field upsampled to 32 px), like clip art rather than pixel noise.
+    pictures = [PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), PIL.Image.BILINEAR)
+                for _ in range(8)]
+    copy = pictures[2].resize((64, 64)).convert("RGBA")
+
+    def pairs(images):
+        return datasets.Dataset.from_dict({"image": images, "text": [f"picture {i}" for i in range(len(images))]},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "text": datasets.Value("string")}))
+
+    setting_images = pairs(pictures[:3])
+    candidates = pairs([pictures[3], pictures[4], copy, pictures[5]])
+    signatures = module.image_signatures(candidates)
+    assert signatures.shape == (4, 32 * 32 * 3) and np.allclose(np.linalg.norm(signatures, axis=1), 1.0)
+    assert float(signatures[2] @ module.image_signatures(setting_images)[2]) > 0.95
+    assert float(np.abs(signatures[[0, 1, 3]] @ module.image_signatures(setting_images).T).max()) < 0.9
+    kept, removed = module.without_near_duplicates(candidates, [setting_images.select([0, 1]), setting_images.select([2])])
+    assert removed == 1 and list(kept["text"]) == ["picture 0", "picture 1", "picture 3"]
+    assert module.without_near_duplicates(candidates, [setting_images.select([0, 1])])[1] == 0
