@@ -71,7 +71,11 @@ def tuned(method: str, setting_name: str, setting: robustness.Setting,
         for record in json.loads(path.read_text())["tuning"]:
             if record["method"] == method and record.get("learning_rate") is not None:
                 return record["learning_rate"], record["method_settings"] or {}, str(path.name)
-    return setting.learning_rates[len(setting.learning_rates) // 2], {}, "the grid's middle learning rate"
+    learning_rate = setting.learning_rates[len(setting.learning_rates) // 2]
+    print(f"noise_fit: no tuning of {method} in {path}: {setting_name} runs with the grid's middle learning rate "
+          f"{learning_rate} and the method's defaults (copy bench/results/{path.name} into --output_dir to use the "
+          "tuned settings)", file=sys.stderr)
+    return learning_rate, {}, "the grid's middle learning rate"
 
 
 def summarise(runs: list[dict[str, Any]], headline: tuple[str, ...]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from test_bench_robustness_smoke import needs_package
 
 
 @needs_package("fashion_mnist")
-def test_fashion_mnist_quick_run_compares_the_fitting_choices(tmp_path):
+def test_fashion_mnist_quick_run_compares_the_fitting_choices(tmp_path, capsys):
     threads = torch.get_num_threads()
     argv = ["--settings", "fashion_mnist", "--quick", "--ratios", "0.4", "--seeds", "0", "1", "--no-progress",
             "--variants", "latest", "average 0.8", "first fit", "separation 2", "--output_dir", str(tmp_path)]
@@ -22,6 +22,7 @@ def test_fashion_mnist_quick_run_compares_the_fitting_choices(tmp_path):
     assert (tmp_path / "noise_fit.png").stat().st_size > 0
     (block,) = results["settings"]
     assert block["tuned_from"] == "the grid's middle learning rate" and block["learning_rate"] == 0.004
+    assert f"no tuning of nlip in {tmp_path / 'robustness_fashion_mnist.json'}" in capsys.readouterr().err
     assert [(c["variant"], c["settings"]) for c in block["cells"]] == [
         ("latest", {}), ("average 0.8", {"noise_loss_momentum": 0.8}), ("first fit", {"gmm_refit_epochs": 2}),
         ("separation 2", {"noise_min_separation": 2.0}),
