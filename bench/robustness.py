@@ -23,7 +23,8 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
 5. **Reported.** The headline metric (retrieval rSum, or zero-shot top-1) by noise level; retention (noisy ÷ clean of
    the same method); margin over `clip`; noise-detection ROC-AUC / precision / recall of the trainer's final noise
    estimate against the injected mask (and, with class captions, against *semantic* noise: the caption names another
-   class); step time ÷ `clip`'s.
+   class); step time ÷ `clip`'s. `clip@clean_only` (`CLEAN_ONLY`), not a method, is `clip` trained on only the pairs
+   the injected noise left intact, for the same number of steps: what a perfect noise filter would reach.
 
 Settings:
 
@@ -373,13 +374,30 @@ def value_at(record: dict[str, Any], path: tuple[str, ...]) -> float | None:
 # their tokens).
 SHARED_FEATURE_CACHES: dict[tuple, Any] = {}
 REFERENCE_SUFFIX = "@reference"
+# Not a method: `clip` trained on only the pairs the injected noise left intact (the benchmark's ground-truth mask), for
+# as many optimizer steps as a run on every pair. What a perfect noise filter would reach: the ceiling of the
+# methods' retention, excluded from the targets.
+CLEAN_ONLY = "clip@clean_only"
 
 
 def split_method(spec: str) -> tuple[str, bool]:
-    """`"nlip@reference"` -> ("nlip", True): the method, and whether it uses the reference prior."""
+    """`"nlip@reference"` -> ("nlip", True): the method, and whether it uses the reference prior (`CLEAN_ONLY` trains
+    `clip`)."""
+    if spec == CLEAN_ONLY:
+        return "clip", False
     if spec.endswith(REFERENCE_SUFFIX):
         return spec[: -len(REFERENCE_SUFFIX)], True
     return spec, False
+
+
+def clean_only(train: datasets.Dataset, setting: Setting) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """`CLEAN_ONLY`'s training set, the pairs whose caption is their own, without the noise columns; and the
+    `max_steps` that keeps the optimizer steps of a run on all of `train`."""
+    steps = {"max_steps": math.ceil(len(train) / setting.batch_size) * setting.epochs}
+    if "is_noisy" not in train.column_names:
+        return train, steps
+    kept = train.filter(lambda is_noisy: not is_noisy, input_columns="is_noisy")
+    return kept.remove_columns(["is_noisy", "caption_source"]), steps
 
 
 def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: datasets.Dataset, method: str,
@@ -396,12 +414,16 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
         base_method, with_prior = split_method(method)
         if with_prior and reference is None:
             raise ValueError(f"{method}: the setting has no reference model (Setting.reference_datasets)")
+        overrides = {"noise_prior": "reference"} if with_prior else {}
+        if method == CLEAN_ONLY:
+            train, steps = clean_only(train, setting)
+            overrides.update(steps)
+            record["num_train_pairs"] = len(train)
         with tempfile.TemporaryDirectory(prefix="nlip-robustness-") as workdir:
             set_seed(seed)
             model, processor = build_model(setting, captions)
-            prior = {"noise_prior": "reference"} if with_prior else {}
             args = training_arguments(setting, base_method, learning_rate, seed, workdir,
-                                      {**prior, **(method_settings or {})})
+                                      {**overrides, **(method_settings or {})})
             trainer = NLIPTrainer(
                 model=model,
                 args=args,
@@ -683,6 +705,7 @@ def targets(summary: dict[str, Any], methods: list[str]) -> dict[str, Any]:
         return {"reason": "no random-noise runs"}
     headline = table["tables"]["headline"]
     heavy = [r for r in map(str, table["ratios"]) if float(r) >= TARGET_MARGIN_FROM]
+    methods = [m for m in methods if m != CLEAN_ONLY]
     means = {m: [headline[m].get(r, {}).get("mean") for r in heavy] for m in methods if m != "clip"}
     means = {m: statistics.fmean(v) for m, v in means.items() if v and None not in v}
     if not means:
@@ -787,6 +810,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"Zero-shot row (no training on this data): `clip` trained LiT-style on {reference['dataset']} "
                      f"({reference['num_train_pairs']} clean pairs{removed}), test {name} {value:.1f}; it is the reference model "
                      "of the `@reference` runs.")
+    if CLEAN_ONLY in methods:
+        lines.append(f"`{CLEAN_ONLY}` is not a method: `clip` trained on only the pairs the injected noise left intact "
+                     "(the benchmark's ground-truth mask), for as many steps as a run on every pair — what a perfect "
+                     "noise filter would reach. It is left out of the JSON's `targets` (the best-method comparison).")
     return "\n".join(lines)
 
 

@@ -46,7 +46,9 @@ from transformers import BlipConfig, BlipForConditionalGeneration, CLIPConfig, C
 from modeling_nlip import NLIPConfig, NLIPModel
 from modeling_nlip.modeling_nlip_captioning import NLIPForCaptioning
 from trainers.losses import contrastive_loss
+from trainers.evaluation.embeddings import PairEmbeddings, embedding_tensor
 from trainers.noise.memory_bank import MemoryBank
+from trainers.noise.reference_prior import ReferencePrior
 from trainers.trainer import NLIPTrainer
 from trainers.training_args import NLIPTrainingArguments
 
@@ -62,6 +64,7 @@ TARGETS = {
     "srcl_reference": ("max", 1.5),
     "npc": ("max", 3.0),
     "nlip+srcl": ("max", 1.05),
+    "nlip+srcl_prior": ("max", 1.05),
 }
 
 
@@ -298,7 +301,9 @@ def bench_training(
 # ------------------------------------------------------------------------------ 2. method overhead vs plain clip
 
 
-METHODS = ("clip", "nlip", "srcl", "srcl_reference", "npc", "nlip+srcl")
+METHODS = ("clip", "nlip", "srcl", "srcl_reference", "npc", "nlip+srcl", "nlip+srcl_prior")
+# The trainer's `--method` of each timed configuration that is not a method name itself.
+METHOD_OF = {"srcl_reference": "srcl", "nlip+srcl_prior": "nlip+srcl"}
 METHOD_STEPS = {
     "clip": "forward, plain InfoNCE, backward, optimizer step (every method also records CE_i into the loss bank)",
     "nlip": "NITC with fitted noise probabilities",
@@ -312,6 +317,11 @@ METHOD_STEPS = {
         "memory loss"
     ),
     "nlip+srcl": "NITC with fitted noise probabilities and SRCL negative weights",
+    "nlip+srcl_prior": (
+        "nlip+srcl with --noise_prior reference (the recommended configuration): ε mixes the reference prior with the "
+        "fitted noise probabilities, SRCL's reference similarity comes from the prior's stored embeddings (alpha=1); "
+        "the reference pass before training is not a step and is not timed"
+    ),
 }
 
 
@@ -365,9 +375,11 @@ class TrainerSteps:
         reference = {}
         if name == "srcl_reference":
             reference = dict(srcl_reference_model=str(reference_dir), srcl_alpha_start=0.5, srcl_alpha_end=0.5)
+        if name == "nlip+srcl_prior":
+            reference = dict(noise_prior="reference")
         args = NLIPTrainingArguments(
             output_dir=str(workdir / name.replace("+", "_")),
-            method="srcl" if name == "srcl_reference" else name,
+            method=METHOD_OF.get(name, name),
             per_device_train_batch_size=len(self.batch["index"]),
             learning_rate=1e-5,
             weight_decay=0.2,
@@ -393,7 +405,25 @@ class TrainerSteps:
                 raise RuntimeError(f"The benchmark's noise GMM fit fell back: {trainer.noise_state.estimate_summary}.")
         if "npc" in trainer.objectives:
             trainer.objectives["npc"].memory_bank = self.memory_bank
+        if args.noise_prior == "reference":
+            trainer.noise_state.set_reference_prior(self.reference_prior(model, execution), args.noise_prior_weight)
         return trainer
+
+    def reference_prior(self, reference: NLIPModel, execution: Execution) -> ReferencePrior:
+        """The prior a reference pass before training would install: `reference`'s embeddings of the whole pool."""
+        images, texts = [], []
+        reference.eval()
+        with torch.no_grad(), execution.autocast():
+            for start in range(0, len(self.dataset), len(self.batch["index"])):
+                rows = execution.to_device(stack_collator([self.dataset[i] for i in range(start, min(
+                    start + len(self.batch["index"]), len(self.dataset)))]))
+                images.append(embedding_tensor(reference.get_image_features(pixel_values=rows["pixel_values"])))
+                texts.append(embedding_tensor(reference.get_text_features(input_ids=rows["input_ids"],
+                                                                          attention_mask=rows["attention_mask"])))
+        reference.train()
+        embeddings = PairEmbeddings(torch.cat(images).float().cpu(), torch.cat(texts).float().cpu(),
+                                    torch.arange(len(self.dataset)))
+        return ReferencePrior.from_embeddings(embeddings, len(self.dataset))
 
     def steps(self) -> dict[str, Callable[[], None]]:
         return {name: functools.partial(self.step, trainer) for name, trainer in self.trainers.items()}

@@ -208,3 +208,34 @@ def test_reference_pairs_lose_the_near_duplicates_of_the_settings_images():
     kept, removed = module.without_near_duplicates(candidates, [setting_images.select([0, 1]), setting_images.select([2])])
     assert removed == 1 and list(kept["text"]) == ["picture 0", "picture 1", "picture 3"]
     assert module.without_near_duplicates(candidates, [setting_images.select([0, 1])])[1] == 0
+
+
+def test_clean_only_ceiling_trains_clip_on_the_intact_pairs_for_the_same_steps():
+    """`clip@clean_only` keeps exactly the pairs whose caption is their own (the injected mask), drops the noise
+    columns (nothing left to detect), keeps the optimizer steps of a run on every pair, and never counts as the
+    best method in the targets."""
+    module = load_bench_script("robustness")
+    from trainers.noise.injection import inject_caption_noise
+
+    setting = module.SETTINGS["pretrained_tuxpaint"]
+    noisy = inject_caption_noise(synthetic_pairs(100).remove_columns("is_noisy"), 0.6, seed=0)
+    kept, steps = module.clean_only(noisy, setting)
+    assert sorted(kept["index"]) == [i for i, is_noisy in zip(noisy["index"], noisy["is_noisy"]) if not is_noisy]
+    assert len(kept) == 40 and {"is_noisy", "caption_source"}.isdisjoint(kept.column_names)
+    assert steps == {"max_steps": math.ceil(100 / setting.batch_size) * setting.epochs} == {"max_steps": 20}
+    clean = synthetic_pairs(10).remove_columns("is_noisy")
+    assert module.clean_only(clean, setting)[0] is clean
+    assert module.split_method(module.CLEAN_ONLY) == ("clip", False)
+    assert module.parse_args(["--setting", "fashion_mnist", "--methods", "clip", module.CLEAN_ONLY]).methods[1] == module.CLEAN_ONLY
+
+    def cell(method, mean):
+        return {"mean": mean, "std": 0.1, "n": 3}
+
+    ratios = ["0.0", "0.4", "0.6", "0.8"]
+    headline = {m: {r: cell(m, v) for r in ratios} for m, v in (("clip", 50.0), ("nlip", 55.0), (module.CLEAN_ONLY, 70.0))}
+    margins = {m: {r: {"margin": headline[m][r]["mean"] - 50.0, "significant": m != "clip", "paired": None}
+                   for r in ratios} for m in headline}
+    summary = {"random": {"ratios": [0.0, 0.4, 0.6, 0.8], "tables": {"headline": headline, "noise_roc_auc": {}},
+                          "margin_over_clip": margins,
+                          "retention": {m: {r: 1.0 for r in ratios} for m in headline}}}
+    assert module.targets(summary, ["clip", "nlip", module.CLEAN_ONLY])["best_method"] == "nlip"

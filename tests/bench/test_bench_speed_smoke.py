@@ -30,7 +30,7 @@ FIGURES = {
         "fraction_of_peak",
     ],
 }
-METHODS = ["nlip", "srcl", "srcl_reference", "npc", "nlip+srcl"]
+METHODS = ["nlip", "srcl", "srcl_reference", "npc", "nlip+srcl", "nlip+srcl_prior"]
 
 
 def assert_positive_finite(value, where: str) -> None:

@@ -4,9 +4,9 @@ probability NITC uses from step 0, and it is saved in checkpoints and restored o
 import pytest
 import torch
 
-from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.collator import ImageTextCollator
-from trainers.losses import nitc_loss
+from trainers.losses import contrastive_loss, nitc_loss, srcl_weight_pair
 from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
 
@@ -65,3 +65,29 @@ def test_argument_checks(tmp_path):
         training_args(tmp_path, noise_prior_model="some/model")
     with pytest.raises(ValueError, match=r"`noise_prior_weight` must be in \[0, 1\]"):
         training_args(tmp_path, noise_prior="reference", noise_prior_weight=2.0)
+
+
+def test_recommended_configuration_nlip_srcl_with_the_prior(tmp_path):
+    """`nlip+srcl` with the prior (what `make demo` runs): from step 0 the loss is NITC with ε from the prior, on top
+    of SRCL's negatives regulated by the reference similarity of the prior's stored embeddings (α = 1 at the start);
+    the reference itself is never run during training."""
+    pairs = synthetic_pairs(16)
+    reference = tiny_model(seed=3)
+    args = training_args(tmp_path, method="nlip+srcl", noise_prior="reference", per_device_train_batch_size=8,
+                         max_steps=1)
+    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor(),
+                          prior_model=reference)
+    prior = trainer.score_reference_prior()
+    assert trainer.objectives["srcl"].effective_alpha(trainer.context) == 1.0
+    batch = ImageTextCollator(processor(), caption_choice="first")([pairs[i] for i in range(8)])
+    with torch.no_grad():
+        images, texts, scale = embed_batch(trainer.model, batch)
+        ref_images, ref_texts, _ = embed_batch(reference, batch)
+        loss = trainer.compute_loss(trainer.model, batch)
+    weights = srcl_weight_pair(images, texts, reference_image_embeds=ref_images, reference_text_embeds=ref_texts, alpha=1.0)
+    expected = nitc_loss(images, texts, scale, prior.noise_prob[batch["index"]], negative_weights=weights)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # The prior's ε differs from "all clean", so NITC is not plain SRCL here: the check above can fail.
+    assert float(prior.noise_prob[batch["index"]].max()) > 0.0
+    plain_srcl = contrastive_loss(images, texts, scale, negative_weights=weights)
+    assert not torch.allclose(loss, plain_srcl)
