@@ -10,7 +10,9 @@ random noise 0.4 and 0.8, seeds 0-2, with the mixture fit on:
 - `first fit`: the first fit after the warm-up is kept for the rest of training (`--gmm_refit_epochs` = the epochs),
   the early window in which the memorisation effect separates clean from noisy best;
 - `separation 1`, `separation 2`: the latest loss, with fits whose components are closer than 1 or 2 in Ashman's D
-  not used (`--noise_min_separation`).
+  not used (`--noise_min_separation`);
+- `trust 0.97`, `trust 1`: the latest loss, with the guard against fits that call most pairs noisy raised from 0.9 to
+  0.97, or off (`--noise_max_noisy_fraction`).
 
 `--variants` picks some of them (default: all).
 It reports the validation headline (mean ± std over seeds), the noise-detection ROC-AUC of the estimate training used,
@@ -59,6 +61,8 @@ def variants(epochs: int) -> dict[str, dict[str, Any]]:
         "first fit": {"gmm_refit_epochs": epochs},
         "separation 1": {"noise_min_separation": 1.0},
         "separation 2": {"noise_min_separation": 2.0},
+        "trust 0.97": {"noise_max_noisy_fraction": 0.97},
+        "trust 1": {"noise_max_noisy_fraction": 1.0},
     }
 VARIANTS = tuple(variants(1))
 

@@ -25,6 +25,8 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
    estimate against the injected mask (and, with class captions, against *semantic* noise: the caption names another
    class); step time ÷ `clip`'s. `clip@clean_only` (`CLEAN_ONLY`), not a method, is `clip` trained on only the pairs
    the injected noise left intact, for the same number of steps: what a perfect noise filter would reach.
+   `METHOD@reference` adds the reference prior from the setting's reference model (below); `METHOD@snapshot` from the
+   run's own model at the end of the noise warm-up (`noise_prior_epoch`).
 
 Settings:
 
@@ -373,21 +375,22 @@ def value_at(record: dict[str, Any], path: tuple[str, ...]) -> float | None:
 # tower and training split for the whole benchmark (entries keyed by dataset index, captions by a fingerprint of
 # their tokens).
 SHARED_FEATURE_CACHES: dict[tuple, Any] = {}
-REFERENCE_SUFFIX = "@reference"
+# `METHOD@reference`: the reference prior from the setting's reference model; `METHOD@snapshot`: from the run's own
+# model at the end of the noise warm-up (`noise_prior_epoch`), the honest reference when there is none.
+PRIOR_SOURCES = ("reference", "snapshot")
 # Not a method: `clip` trained on only the pairs the injected noise left intact (the benchmark's ground-truth mask), for
 # as many optimizer steps as a run on every pair. What a perfect noise filter would reach: the ceiling of the
 # methods' retention, excluded from the targets.
 CLEAN_ONLY = "clip@clean_only"
 
 
-def split_method(spec: str) -> tuple[str, bool]:
-    """`"nlip@reference"` -> ("nlip", True): the method, and whether it uses the reference prior (`CLEAN_ONLY` trains
-    `clip`)."""
+def split_method(spec: str) -> tuple[str, str | None]:
+    """`"nlip@reference"` -> ("nlip", "reference"): the method, and where its reference prior comes from (None: no
+    prior; `CLEAN_ONLY` trains `clip`)."""
     if spec == CLEAN_ONLY:
-        return "clip", False
-    if spec.endswith(REFERENCE_SUFFIX):
-        return spec[: -len(REFERENCE_SUFFIX)], True
-    return spec, False
+        return "clip", None
+    method, _, source = spec.rpartition("@")
+    return (method, source) if method and source in PRIOR_SOURCES else (spec, None)
 
 
 def clean_only(train: datasets.Dataset, setting: Setting) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -411,10 +414,12 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
                               "method_settings": dict(method_settings or {})}
     start = time.perf_counter()
     try:
-        base_method, with_prior = split_method(method)
-        if with_prior and reference is None:
+        base_method, prior = split_method(method)
+        if prior == "reference" and reference is None:
             raise ValueError(f"{method}: the setting has no reference model (Setting.reference_datasets)")
-        overrides = {"noise_prior": "reference"} if with_prior else {}
+        overrides = {"noise_prior": "reference"} if prior else {}
+        if prior == "snapshot":
+            overrides["noise_prior_epoch"] = setting.noise_warmup_epochs
         if method == CLEAN_ONLY:
             train, steps = clean_only(train, setting)
             overrides.update(steps)
@@ -430,7 +435,7 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
                 data_collator=ImageTextCollator(processor, seed=seed),
                 train_dataset=train,
                 processing_class=processor,
-                prior_model=reference if with_prior else None,
+                prior_model=reference if prior == "reference" else None,
             )
             trainer.remove_callback(PrinterCallback)
             trainer.use_feature_caches({
@@ -439,7 +444,7 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
                 for which, cache in trainer.feature_caches.items()
             })
             output = trainer.train()
-            if with_prior:
+            if prior == "reference":
                 record["reference_pass_s"] = round(trainer.reference_pass_seconds, 2)
         record["train_time_s"] = round(time.perf_counter() - start, 2)
         # The training loop alone (Trainer's train_runtime): no model build, no reference pass (`reference_pass_s`).
@@ -488,11 +493,11 @@ def method_candidates(method: str, learning_rate: float,
     turn; padded with the learning rate halved and doubled. A halved or doubled rate already in the stage-1 `grid`
     (a grid that steps by 2) is replaced by the geometric midpoint between it and the best, so that no configuration
     is trained twice and every method gets the same number of distinct ones."""
-    base, with_prior = split_method(method)
+    base, prior = split_method(method)
     names = method_names(base)
     per_component = [METHOD_CANDIDATES.get(name, ()) for name in names]
     interleaved = [c for group in zip_longest(*per_component) for c in group if c is not None]
-    weighs_prior = with_prior and any(objective_class(name).uses_noise_estimate for name in names)
+    weighs_prior = prior is not None and any(objective_class(name).uses_noise_estimate for name in names)
     settings = [*(PRIOR_CANDIDATES if weighs_prior else ()), *interleaved][:TUNING_CANDIDATES]
     candidates = [(learning_rate, candidate) for candidate in settings]
     for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
@@ -874,7 +879,7 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     if setting.model_size is not None:
         splits = pre_resized(splits, build_model(setting, captions)[1])
     reference, reference_info = None, None
-    if setting.reference_datasets and any(split_method(m)[1] for m in methods):
+    if setting.reference_datasets and any(split_method(m)[1] == "reference" for m in methods):
         reference, reference_processor, reference_info = train_reference(setting, splits)
         # The zero-shot row: the reference model, already aligned, on this setting's test split (no training on it).
         reference_info["test"] = evaluate(reference, reference_processor, splits.test, splits.data)
@@ -983,7 +988,7 @@ def with_rerun(earlier: dict[str, Any], rerun: dict[str, Any], setting: Setting,
                              f"{rerun.get(key)!r}; rerun the whole table instead")
     methods = rerun["methods"]
     before, after = (earlier.get("reference") or {}).get("dataset"), (rerun.get("reference") or {}).get("dataset")
-    stale = [m for m in earlier["methods"] if split_method(m)[1] and m not in methods]
+    stale = [m for m in earlier["methods"] if split_method(m)[1] == "reference" and m not in methods]
     if after is not None and before not in (None, after) and stale:
         raise SystemExit(f"--rerun: the reference changed ({before} -> {after}); rerun {' '.join(stale)} too, so that "
                          "every `@reference` row of the table uses one reference")

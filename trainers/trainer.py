@@ -187,6 +187,9 @@ class NLIPTrainer(Trainer):
         # The training set as the collators read it (its image column left encoded while they skip cached images).
         self._collated_train_dataset = train_dataset
         self._skip_cached_images()
+        if prior_model is not None and args.noise_prior_epoch > 0:
+            raise ValueError(f"`prior_model` is given but noise_prior_epoch={args.noise_prior_epoch} scores the pairs "
+                             "with the run's own snapshot: pass one or the other.")
         self._prior_model = prior_model
         self.add_callback(
             TrainingScheduleCallback(_DataHooks(self), self.noise, list(self.objectives.values()), self.context)
@@ -671,7 +674,8 @@ class NLIPTrainer(Trainer):
             self.noise_state.load(checkpoint, expected_num_samples=expected)
             legacy = self.noise_state.legacy_objective_state
             self.batch_skips.restore(self.noise_state.batch_skips)
-            if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None:
+            if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None \
+                    and self.args.noise_prior_epoch == 0:  # a snapshot prior is scored at its epoch (NoiseTracker)
                 if self._prior_model is None and self.args.noise_prior_model is None:
                     raise ValueError(
                         f"Checkpoint {checkpoint} has no reference prior, and the default reference (the model before "
@@ -787,7 +791,7 @@ class NLIPTrainer(Trainer):
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
         if checkpoint is not None:
             self.check_resume_data(checkpoint)
-        elif self.args.noise_prior == "reference":
+        elif self.args.noise_prior == "reference" and self.args.noise_prior_epoch == 0:
             self.score_reference_prior()  # on resume the checkpoint's noise state holds it
         self._warn_if_warmup_outlasts_training()
         result = super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,

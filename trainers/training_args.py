@@ -89,6 +89,15 @@ class NLIPTrainingArguments(TrainingArguments):
             "when fine-tuning). It must already be aligned and must not have seen the evaluation data."
         },
     )
+    noise_prior_epoch: int = field(
+        default=0,
+        metadata={
+            "help": "With --noise_prior reference and no --noise_prior_model: 0 (default) scores the pairs with the "
+            "model as it is before the first step (the pretrained checkpoint when fine-tuning); N >= 1 with the run's "
+            "own snapshot at the start of epoch N (one no-grad pass then), e.g. the end of the noise warm-up when "
+            "training from scratch, where no aligned reference exists. Until then ε comes from the loss mixture alone."
+        },
+    )
     noise_prior_weight: float = field(
         default=0.5,
         metadata={"help": "w in ε = w·ε_prior + (1 − w)·ε_loss once the loss-based mixture is fit (1: the prior alone). "
@@ -269,6 +278,13 @@ class NLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"`noise_prior` must be one of {NOISE_PRIORS}; got {self.noise_prior!r}.")
         if self.noise_prior_model is not None and self.noise_prior != "reference":
             raise ValueError("`noise_prior_model` is set but `noise_prior` is not 'reference': it would be unused.")
+        if self.noise_prior_epoch < 0:
+            raise ValueError(f"`noise_prior_epoch` must be >= 0; got {self.noise_prior_epoch}.")
+        if self.noise_prior_epoch > 0 and (self.noise_prior != "reference" or self.noise_prior_model is not None):
+            raise ValueError(
+                f"`noise_prior_epoch`={self.noise_prior_epoch} scores the pairs with the run's own snapshot: it needs "
+                "noise_prior='reference' and no noise_prior_model."
+            )
         if not 0.0 <= self.noise_prior_weight <= 1.0:
             raise ValueError(f"`noise_prior_weight` must be in [0, 1]; got {self.noise_prior_weight}.")
         if not 0.0 <= self.noise_loss_momentum < 1.0:

@@ -134,6 +134,7 @@ def test_bad_arguments_are_rejected():
     module = load_bench_script("robustness")
     for argv in (
         ["--setting", "fashion_mnist", "--methods", "clip+nlip"],
+        ["--setting", "fashion_mnist", "--methods", "clip", "nlip@oracle"],
         ["--setting", "fashion_mnist", "--methods", "nlip"],  # no clip baseline
         ["--setting", "fashion_mnist", "--methods", "clip", "nlip", "nlip"],
         ["--setting", "fashion_mnist", "--noise_ratios", "1.0"],
@@ -225,7 +226,10 @@ def test_clean_only_ceiling_trains_clip_on_the_intact_pairs_for_the_same_steps()
     assert steps == {"max_steps": math.ceil(100 / setting.batch_size) * setting.epochs} == {"max_steps": 20}
     clean = synthetic_pairs(10).remove_columns("is_noisy")
     assert module.clean_only(clean, setting)[0] is clean
-    assert module.split_method(module.CLEAN_ONLY) == ("clip", False)
+    assert module.split_method(module.CLEAN_ONLY) == ("clip", None)
+    assert module.split_method("nlip+srcl@snapshot") == ("nlip+srcl", "snapshot")
+    assert module.split_method("nlip@oracle") == ("nlip@oracle", None)  # not a prior: --methods rejects it
+    assert module.split_method("npc@reference") == ("npc", "reference") and module.split_method("npc") == ("npc", None)
     assert module.parse_args(["--setting", "fashion_mnist", "--methods", "clip", module.CLEAN_ONLY]).methods[1] == module.CLEAN_ONLY
 
     def cell(method, mean):

@@ -3,10 +3,14 @@ probability NITC uses from step 0, and it is saved in checkpoints and restored o
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from nlip_testing import embed_batch, processor, single_thread, synthetic_pairs, tiny_model, training_args
+from modeling_nlip import NLIPModel
 from trainers.data.collator import ImageTextCollator
+from trainers.evaluation.embeddings import compute_embeddings
 from trainers.losses import contrastive_loss, nitc_loss, srcl_weight_pair
+from trainers.noise.reference_prior import ReferencePrior
 from trainers.noise.state import NoiseState
 from trainers.trainer import NLIPTrainer
 
@@ -65,6 +69,43 @@ def test_argument_checks(tmp_path):
         training_args(tmp_path, noise_prior_model="some/model")
     with pytest.raises(ValueError, match=r"`noise_prior_weight` must be in \[0, 1\]"):
         training_args(tmp_path, noise_prior="reference", noise_prior_weight=2.0)
+    with pytest.raises(ValueError, match="`noise_prior_epoch` must be >= 0; got -1"):
+        training_args(tmp_path, noise_prior="reference", noise_prior_epoch=-1)
+    for options in ({}, {"noise_prior": "reference", "noise_prior_model": "some/model"}):
+        with pytest.raises(ValueError, match="`noise_prior_epoch`=1 scores the pairs with the run's own snapshot: it "
+                                             "needs noise_prior='reference' and no noise_prior_model"):
+            training_args(tmp_path, noise_prior_epoch=1, **options)
+    with pytest.raises(ValueError, match="`prior_model` is given but noise_prior_epoch=1"):
+        _trainer(tmp_path, synthetic_pairs(16), noise_prior_epoch=1)
+
+
+def test_snapshot_prior_is_scored_by_the_model_at_the_start_of_its_epoch(tmp_path):
+    """`noise_prior_epoch=1`: no prior during epoch 0 (plain warm-up), then the run's own model as it is at the start
+    of epoch 1 scores every pair, exactly as a frozen reference with those weights would; a resume from the
+    checkpoint of epoch 0 scores it again at epoch 1, and the model card names the snapshot."""
+    pairs = synthetic_pairs(16)
+    args = training_args(tmp_path / "run", method="nlip", noise_prior="reference", noise_prior_epoch=1,
+                         per_device_train_batch_size=8, num_train_epochs=2, save_strategy="epoch",
+                         noise_warmup_epochs=1)
+    trainer = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
+    seen = []
+
+    class PriorAtEpochBegin(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            seen.append(trainer.noise_state.reference_prior is not None)
+
+    trainer.add_callback(PriorAtEpochBegin())  # runs after the trainer's own schedule callback
+    trainer.train()
+    assert seen == [False, True]
+    snapshot = NLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-2")  # the weights at the start of epoch 1
+    expected = ReferencePrior.from_embeddings(compute_embeddings(snapshot, pairs, processor=processor(), progress=False),
+                                              16, seed=0)
+    prior = trainer.noise_state.reference_prior
+    torch.testing.assert_close(prior.score, expected.score, rtol=1e-4, atol=1e-5)
+    assert trainer.noise.settings()["noise_prior_model"] == "the model at the start of epoch 1"
+    resumed = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    torch.testing.assert_close(resumed.noise_state.reference_prior.score, prior.score)
 
 
 def test_recommended_configuration_nlip_srcl_with_the_prior(tmp_path):

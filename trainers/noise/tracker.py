@@ -1,17 +1,25 @@
 """`NoiseTracker`: owns a run's `NoiseState` (loss bank, mixture, noise probabilities, reference prior) and its
 schedule: per-pair losses are recorded every step; after `noise_warmup_epochs`, every `gmm_refit_epochs`, the mixture
 is fit at the start of an epoch (in `pass` mode after a no-grad pass over the training set) and the noise statistics
-are logged; at the end of training a final fit is logged with the prefix `final_`."""
+are logged; at the end of training a final fit is logged with the prefix `final_`. With `noise_prior_epoch` N >= 1 the
+reference prior is scored at the start of epoch N by the run's own model (a snapshot: one no-grad pass)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 import torch
 
 from ..context import TrainingContext
+from ..evaluation.embeddings import PairEmbeddings
+from .reference_prior import ReferencePrior
 from .state import NoiseState
+
+
+logger = logging.getLogger(__name__)
 
 
 class NoiseTracker:
@@ -46,7 +54,8 @@ class NoiseTracker:
         if prior is not None:
             settings.update(
                 noise_prior="reference",
-                noise_prior_model=args.noise_prior_model or "the starting model",
+                noise_prior_model=args.noise_prior_model or (f"the model at the start of epoch {args.noise_prior_epoch}"
+                                                             if args.noise_prior_epoch else "the starting model"),
                 noise_prior_weight=args.noise_prior_weight,
                 reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
             )
@@ -98,12 +107,32 @@ class NoiseTracker:
         """Fit when due, log the statistics once per epoch after the first fit, and mark the epoch prepared (a run
         resumed in its middle repeats none of its epoch-start work)."""
         state, args = self.state, self.args
+        if args.noise_prior == "reference" and 0 < args.noise_prior_epoch <= epoch and state.reference_prior is None:
+            self.score_snapshot_prior(epoch, context)
         first_fit = args.noise_warmup_epochs
         if epoch >= first_fit and (epoch - first_fit) % args.gmm_refit_epochs == 0 and state.last_fit_epoch != epoch:
             self.fit(epoch, step, context)
         if state.num_fits and state.prepared_epoch < epoch:
             self.log_statistics(context)
         state.prepared_epoch = max(state.prepared_epoch, epoch)
+
+    def score_snapshot_prior(self, epoch: int, context: TrainingContext) -> ReferencePrior:
+        """The reference prior from the model being trained as it is now (`noise_prior_epoch`): its embeddings of every
+        training pair from one no-grad pass, debiased and mixed exactly like a frozen reference's; logged with the
+        pass's time (`noise/reference_pass_s`)."""
+        start = time.perf_counter()
+        result = context.train_set_pass(epoch, features=True)
+        embeddings = PairEmbeddings(result.image_features, result.text_features, result.index)
+        prior = ReferencePrior.from_embeddings(embeddings, self.state.num_samples,
+                                               max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed)
+        self.state.set_reference_prior(prior, self.args.noise_prior_weight)
+        seconds = time.perf_counter() - start
+        context.log({"noise/reference_pass_s": seconds})
+        logger.info("Reference prior from the model at the start of epoch %d: %d pairs scored in %.1f s (random-pair "
+                    "cosine %.3f, mean noise probability %.3f%s).", epoch, prior.summary()["num_scored"], seconds,
+                    prior.random_pair_cosine, prior.summary()["mean_noise_probability"],
+                    f"; {prior.reason}" if prior.reason else "")
+        return prior
 
     def on_train_end(self, epoch: float, step: int, context: TrainingContext) -> None:
         """A final fit on the last losses, logged as `final_noise/...` (none when training ended inside the warm-up)."""
