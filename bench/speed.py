@@ -46,9 +46,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration, CLIPConfig, C
 from modeling_nlip import NLIPConfig, NLIPModel
 from modeling_nlip.modeling_nlip_captioning import NLIPForCaptioning
 from trainers.losses import contrastive_loss
-from trainers.evaluation.embeddings import PairEmbeddings, embedding_tensor
 from trainers.noise.memory_bank import MemoryBank
-from trainers.noise.reference_prior import ReferencePrior
 from trainers.trainer import NLIPTrainer
 from trainers.training_args import NLIPTrainingArguments
 
@@ -405,25 +403,9 @@ class TrainerSteps:
                 raise RuntimeError(f"The benchmark's noise GMM fit fell back: {trainer.noise_state.estimate_summary}.")
         if "npc" in trainer.objectives:
             trainer.objectives["npc"].memory_bank = self.memory_bank
-        if args.noise_prior == "reference":
-            trainer.noise_state.set_reference_prior(self.reference_prior(model, execution), args.noise_prior_weight)
+        if args.noise_prior == "reference":  # what the pass before training installs, the model its own reference
+            trainer.noise.score_snapshot_prior(0, trainer.context)
         return trainer
-
-    def reference_prior(self, reference: NLIPModel, execution: Execution) -> ReferencePrior:
-        """The prior a reference pass before training would install: `reference`'s embeddings of the whole pool."""
-        images, texts = [], []
-        reference.eval()
-        with torch.no_grad(), execution.autocast():
-            for start in range(0, len(self.dataset), len(self.batch["index"])):
-                rows = execution.to_device(stack_collator([self.dataset[i] for i in range(start, min(
-                    start + len(self.batch["index"]), len(self.dataset)))]))
-                images.append(embedding_tensor(reference.get_image_features(pixel_values=rows["pixel_values"])))
-                texts.append(embedding_tensor(reference.get_text_features(input_ids=rows["input_ids"],
-                                                                          attention_mask=rows["attention_mask"])))
-        reference.train()
-        embeddings = PairEmbeddings(torch.cat(images).float().cpu(), torch.cat(texts).float().cpu(),
-                                    torch.arange(len(self.dataset)))
-        return ReferencePrior.from_embeddings(embeddings, len(self.dataset))
 
     def steps(self) -> dict[str, Callable[[], None]]:
         return {name: functools.partial(self.step, trainer) for name, trainer in self.trainers.items()}

@@ -27,7 +27,6 @@ import copy
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -690,24 +689,20 @@ class NLIPTrainer(Trainer):
     def score_reference_prior(self) -> ReferencePrior:
         """Score every training pair once with the frozen reference model (`prior_model`, else `noise_prior_model`,
         else the model as it is now, before its first step) and install the prior in the noise state; logged with
-        the pass's time (`noise/reference_pass_s`). Every process scores the whole training set."""
+        the pass's time (`reference_pass_seconds`). Every process scores the whole training set."""
         if self.noise_state is None or self.noise_state.loss_bank.growable:
             raise ValueError("--noise_prior reference needs a map-style training set with an `index` column (not a stream).")
         reference = self._prior_model
         if reference is None and self.args.noise_prior_model is not None:
             reference = AutoModel.from_pretrained(self.args.noise_prior_model)
+        name = "the reference model" if reference is not None else "the model before its first step"
         reference = reference if reference is not None else self._unwrap(self.model)
-        start = time.perf_counter()
-        embeddings = compute_embeddings(reference.to(self.args.device), self.train_dataset,
-                                        processor=self.processing_class, batch_size=self.args.per_device_eval_batch_size,
-                                        progress=not self.args.disable_tqdm)
-        prior = ReferencePrior.from_embeddings(embeddings, self.noise_state.num_samples,
-                                               max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed)
-        self.noise_state.set_reference_prior(prior, self.args.noise_prior_weight)
-        self.reference_pass_seconds = time.perf_counter() - start
-        logger.info("Reference prior: %d pairs scored in %.1f s (random-pair cosine %.3f, mean noise probability %.3f%s).",
-                    prior.summary()["num_scored"], self.reference_pass_seconds, prior.random_pair_cosine,
-                    prior.summary()["mean_noise_probability"], f"; {prior.reason}" if prior.reason else "")
+        prior, self.reference_pass_seconds = self.noise.score_prior(
+            lambda: compute_embeddings(reference.to(self.args.device), self.train_dataset, processor=self.processing_class,
+                                       batch_size=self.args.per_device_eval_batch_size,
+                                       progress=not self.args.disable_tqdm),
+            name,
+        )
         self._prior_model = None  # used once
         return prior
 

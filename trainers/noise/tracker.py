@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,22 +117,31 @@ class NoiseTracker:
             self.log_statistics(context)
         state.prepared_epoch = max(state.prepared_epoch, epoch)
 
-    def score_snapshot_prior(self, epoch: int, context: TrainingContext) -> ReferencePrior:
-        """The reference prior from the model being trained as it is now (`noise_prior_epoch`): its embeddings of every
-        training pair from one no-grad pass, debiased and mixed exactly like a frozen reference's; logged with the
-        pass's time (`noise/reference_pass_s`)."""
+    def score_prior(self, embed: Callable[[], PairEmbeddings], reference: str) -> tuple[ReferencePrior, float]:
+        """Score every pair of `embed()` (a reference's embeddings of the training set) into the reference prior and
+        use it with `noise_prior_weight`; logged with `reference` (what embedded the pairs). Returns the prior and
+        the seconds the pass and the fit took."""
         start = time.perf_counter()
-        result = context.train_set_pass(epoch, features=True)
-        embeddings = PairEmbeddings(result.image_features, result.text_features, result.index)
-        prior = ReferencePrior.from_embeddings(embeddings, self.state.num_samples,
+        prior = ReferencePrior.from_embeddings(embed(), self.state.num_samples,
                                                max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed)
         self.state.set_reference_prior(prior, self.args.noise_prior_weight)
         seconds = time.perf_counter() - start
+        logger.info("Reference prior from %s: %d pairs scored in %.1f s (random-pair cosine %.3f, mean noise "
+                    "probability %.3f%s).", reference, prior.summary()["num_scored"], seconds, prior.random_pair_cosine,
+                    prior.summary()["mean_noise_probability"], f"; {prior.reason}" if prior.reason else "")
+        return prior, seconds
+
+    def score_snapshot_prior(self, epoch: int, context: TrainingContext) -> ReferencePrior:
+        """The reference prior from the model being trained as it is now (`noise_prior_epoch`): its embeddings of every
+        training pair from one no-grad pass, debiased and mixed exactly like a frozen reference's; the pass's time is
+        logged as `noise/reference_pass_s`."""
+
+        def embed() -> PairEmbeddings:
+            result = context.train_set_pass(epoch, features=True)
+            return PairEmbeddings(result.image_features, result.text_features, result.index)
+
+        prior, seconds = self.score_prior(embed, f"the model at the start of epoch {epoch}")
         context.log({"noise/reference_pass_s": seconds})
-        logger.info("Reference prior from the model at the start of epoch %d: %d pairs scored in %.1f s (random-pair "
-                    "cosine %.3f, mean noise probability %.3f%s).", epoch, prior.summary()["num_scored"], seconds,
-                    prior.random_pair_cosine, prior.summary()["mean_noise_probability"],
-                    f"; {prior.reason}" if prior.reason else "")
         return prior
 
     def on_train_end(self, epoch: float, step: int, context: TrainingContext) -> None:
