@@ -26,7 +26,9 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
    class); step time ÷ `clip`'s. `clip@clean_only` (`CLEAN_ONLY`), not a method, is `clip` trained on only the pairs
    the injected noise left intact, for the same number of steps: what a perfect noise filter would reach.
    `METHOD@reference` adds the reference prior from the setting's reference model (below); `METHOD@snapshot` from the
-   run's own model at the end of the noise warm-up (`noise_prior_epoch`).
+   run's own model at the end of the noise warm-up (`noise_prior_epoch`); either with `-neighbours`
+   (`nlip@snapshot-neighbours`) scores it by the caption agreement of each pair's nearest images
+   (`noise_prior_neighbours`) instead of the image-text cosine.
 
 Settings:
 
@@ -175,8 +177,8 @@ SETTINGS: dict[str, Setting] = {
         differ_by="label",
     ),
 }
-# Emoji has no categories (no hard swap); 800 of its pairs and three noise levels keep the whole table near 45 min.
-SETTINGS["pretrained_emoji"] = replace(SETTINGS["pretrained_tuxpaint"], dataset="emoji", noise_ratios=(0.0, 0.4, 0.8),
+# Emoji has no categories (no hard swap); 800 of its pairs and four noise levels keep the whole table near 70 min.
+SETTINGS["pretrained_emoji"] = replace(SETTINGS["pretrained_tuxpaint"], dataset="emoji", noise_ratios=(0.0, 0.4, 0.6, 0.8),
                                       hard_noise_ratios=(), max_train_samples=800, swap_within=None,
                                       reference_datasets=("tuxpaint",))
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -378,6 +380,10 @@ SHARED_FEATURE_CACHES: dict[tuple, Any] = {}
 # `METHOD@reference`: the reference prior from the setting's reference model; `METHOD@snapshot`: from the run's own
 # model at the end of the noise warm-up (`noise_prior_epoch`), the honest reference when there is none.
 PRIOR_SOURCES = ("reference", "snapshot")
+# `METHOD@SOURCE-neighbours`: the same prior scored by the caption agreement of each pair's nearest images
+# (`noise_prior_neighbours`), k = `NEIGHBOURS` or its tuning candidate.
+NEIGHBOURS_SUFFIX = "-neighbours"
+NEIGHBOURS = 20
 # Not a method: `clip` trained on only the pairs the injected noise left intact (the benchmark's ground-truth mask), for
 # as many optimizer steps as a run on every pair. What a perfect noise filter would reach: the ceiling of the
 # methods' retention, excluded from the targets.
@@ -386,11 +392,28 @@ CLEAN_ONLY = "clip@clean_only"
 
 def split_method(spec: str) -> tuple[str, str | None]:
     """`"nlip@reference"` -> ("nlip", "reference"): the method, and where its reference prior comes from (None: no
-    prior; `CLEAN_ONLY` trains `clip`)."""
+    prior; `CLEAN_ONLY` trains `clip`); a `NEIGHBOURS_SUFFIX` is dropped (`scores_by_neighbours`)."""
     if spec == CLEAN_ONLY:
         return "clip", None
     method, _, source = spec.rpartition("@")
+    source = source.removesuffix(NEIGHBOURS_SUFFIX)
     return (method, source) if method and source in PRIOR_SOURCES else (spec, None)
+
+
+def scores_by_neighbours(spec: str) -> bool:
+    """Whether `spec`'s reference prior is scored by neighbour agreement (`METHOD@SOURCE-neighbours`)."""
+    return split_method(spec)[1] is not None and spec.endswith(NEIGHBOURS_SUFFIX)
+
+
+def prior_overrides(spec: str, setting: Setting) -> dict[str, Any]:
+    """The `NLIPTrainingArguments` of `spec`'s reference prior (none without one)."""
+    prior = split_method(spec)[1]
+    overrides: dict[str, Any] = {"noise_prior": "reference"} if prior else {}
+    if prior == "snapshot":
+        overrides["noise_prior_epoch"] = setting.noise_warmup_epochs
+    if scores_by_neighbours(spec):
+        overrides["noise_prior_neighbours"] = NEIGHBOURS
+    return overrides
 
 
 def clean_only(train: datasets.Dataset, setting: Setting) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -417,9 +440,7 @@ def run_one(setting: Setting, splits: Splits, train: datasets.Dataset, val: data
         base_method, prior = split_method(method)
         if prior == "reference" and reference is None:
             raise ValueError(f"{method}: the setting has no reference model (Setting.reference_datasets)")
-        overrides = {"noise_prior": "reference"} if prior else {}
-        if prior == "snapshot":
-            overrides["noise_prior_epoch"] = setting.noise_warmup_epochs
+        overrides = prior_overrides(method, setting)
         if method == CLEAN_ONLY:
             train, steps = clean_only(train, setting)
             overrides.update(steps)
@@ -483,6 +504,8 @@ METHOD_CANDIDATES: dict[str, tuple[dict[str, Any], ...]] = {
 }
 # The prior's weight: the default (0.5) was chosen from these runs with 1.0 as the default and 0.5 the candidate.
 PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 1.0},)
+# A neighbour-agreement prior's second candidate: more neighbours (steadier under heavy noise).
+NEIGHBOURS_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_neighbours": 50},)
 TUNING_CANDIDATES = 2
 
 
@@ -498,7 +521,8 @@ def method_candidates(method: str, learning_rate: float,
     per_component = [METHOD_CANDIDATES.get(name, ()) for name in names]
     interleaved = [c for group in zip_longest(*per_component) for c in group if c is not None]
     weighs_prior = prior is not None and any(objective_class(name).uses_noise_estimate for name in names)
-    settings = [*(PRIOR_CANDIDATES if weighs_prior else ()), *interleaved][:TUNING_CANDIDATES]
+    settings = [*(PRIOR_CANDIDATES if weighs_prior else ()),
+                *(NEIGHBOURS_CANDIDATES if scores_by_neighbours(method) else ()), *interleaved][:TUNING_CANDIDATES]
     candidates = [(learning_rate, candidate) for candidate in settings]
     for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
         tried = any(math.isclose(learning_rate * factor, rate, rel_tol=1e-6) for rate in grid)

@@ -98,6 +98,15 @@ class NLIPTrainingArguments(TrainingArguments):
             "training from scratch, where no aligned reference exists. Until then ε comes from the loss mixture alone."
         },
     )
+    noise_prior_neighbours: int = field(
+        default=0,
+        metadata={
+            "help": "With --noise_prior reference: 0 (default) scores each pair by its reference cosine (above); k >= 1 "
+            "by the caption agreement of its k nearest images instead, c_i = mean over the k training images most "
+            "similar to v_i of cos(t_i, t_j), minus the mean cosine of random caption pairs. It needs no image-text "
+            "alignment, so it suits a snapshot of a model trained from scratch (--noise_prior_epoch)."
+        },
+    )
     noise_prior_weight: float = field(
         default=0.5,
         metadata={"help": "w in ε = w·ε_prior + (1 − w)·ε_loss once the loss-based mixture is fit (1: the prior alone). "
@@ -285,6 +294,11 @@ class NLIPTrainingArguments(TrainingArguments):
                 f"`noise_prior_epoch`={self.noise_prior_epoch} scores the pairs with the run's own snapshot: it needs "
                 "noise_prior='reference' and no noise_prior_model."
             )
+        if self.noise_prior_neighbours < 0:
+            raise ValueError(f"`noise_prior_neighbours` must be >= 0; got {self.noise_prior_neighbours}.")
+        if self.noise_prior_neighbours > 0 and self.noise_prior != "reference":
+            raise ValueError(f"`noise_prior_neighbours`={self.noise_prior_neighbours} scores the reference prior by "
+                             "neighbour agreement: it needs noise_prior='reference'.")
         if not 0.0 <= self.noise_prior_weight <= 1.0:
             raise ValueError(f"`noise_prior_weight` must be in [0, 1]; got {self.noise_prior_weight}.")
         if not 0.0 <= self.noise_loss_momentum < 1.0:

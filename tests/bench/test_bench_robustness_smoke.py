@@ -161,6 +161,9 @@ def test_every_method_gets_the_same_tuning_budget():
     assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
     assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}), (1e-3, {"nitc_strength": 0.3})]
     assert candidates("srcl@reference", 1e-3) == candidates("srcl", 1e-3)
+    # A neighbour-agreement prior tries more neighbours in the second slot.
+    assert candidates("nlip@snapshot-neighbours", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}),
+                                                            (1e-3, {"noise_prior_neighbours": 50})]
 
 
 def test_locked_tower_evaluation_reuses_tower_outputs():
@@ -230,6 +233,15 @@ def test_clean_only_ceiling_trains_clip_on_the_intact_pairs_for_the_same_steps()
     assert module.split_method("nlip+srcl@snapshot") == ("nlip+srcl", "snapshot")
     assert module.split_method("nlip@oracle") == ("nlip@oracle", None)  # not a prior: --methods rejects it
     assert module.split_method("npc@reference") == ("npc", "reference") and module.split_method("npc") == ("npc", None)
+    assert module.split_method("nlip@snapshot-neighbours") == ("nlip", "snapshot")
+    assert module.scores_by_neighbours("nlip@reference-neighbours") and not module.scores_by_neighbours("nlip@snapshot")
+    assert module.split_method("nlip-neighbours") == ("nlip-neighbours", None)
+    assert not module.scores_by_neighbours("nlip-neighbours")
+    fashion = module.SETTINGS["fashion_mnist"]
+    assert module.prior_overrides("nlip", fashion) == {} == module.prior_overrides(module.CLEAN_ONLY, fashion)
+    assert module.prior_overrides("npc@reference", fashion) == {"noise_prior": "reference"}
+    assert module.prior_overrides("nlip@snapshot-neighbours", fashion) == {
+        "noise_prior": "reference", "noise_prior_epoch": fashion.noise_warmup_epochs, "noise_prior_neighbours": 20}
     assert module.parse_args(["--setting", "fashion_mnist", "--methods", "clip", module.CLEAN_ONLY]).methods[1] == module.CLEAN_ONLY
 
     def cell(method, mean):

@@ -77,6 +77,24 @@ def test_argument_checks(tmp_path):
             training_args(tmp_path, noise_prior_epoch=1, **options)
     with pytest.raises(ValueError, match="`prior_model` is given but noise_prior_epoch=1"):
         _trainer(tmp_path, synthetic_pairs(16), noise_prior_epoch=1)
+    with pytest.raises(ValueError, match="`noise_prior_neighbours` must be >= 0; got -2"):
+        training_args(tmp_path, noise_prior="reference", noise_prior_neighbours=-2)
+    with pytest.raises(ValueError, match="`noise_prior_neighbours`=5 scores the reference prior by neighbour "
+                                         "agreement: it needs noise_prior='reference'"):
+        training_args(tmp_path, noise_prior_neighbours=5)
+
+
+def test_neighbour_prior_scores_the_reference_embeddings_by_neighbour_agreement(tmp_path):
+    """`noise_prior_neighbours=3`: the prior is the reference's embeddings scored by the caption agreement of each
+    pair's 3 nearest images, and the summary and model card say so."""
+    pairs = synthetic_pairs(16)
+    trainer = _trainer(tmp_path, pairs, max_steps=1, noise_prior_neighbours=3)
+    prior = trainer.score_reference_prior()
+    embeddings = compute_embeddings(tiny_model(seed=3), pairs, processor=processor(), progress=False)
+    expected = ReferencePrior.from_embeddings(embeddings, 16, seed=0, neighbours=3)
+    torch.testing.assert_close(prior.score, expected.score, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(prior.score, ReferencePrior.from_embeddings(embeddings, 16, seed=0).score)
+    assert trainer.noise.settings()["noise_prior_score"] == "caption agreement of the 3 nearest images"
 
 
 def test_snapshot_prior_is_scored_by_the_model_at_the_start_of_its_epoch(tmp_path):
@@ -103,6 +121,7 @@ def test_snapshot_prior_is_scored_by_the_model_at_the_start_of_its_epoch(tmp_pat
     prior = trainer.noise_state.reference_prior
     torch.testing.assert_close(prior.score, expected.score, rtol=1e-4, atol=1e-5)
     assert trainer.noise.settings()["noise_prior_model"] == "the model at the start of epoch 1"
+    assert trainer.noise.settings()["noise_prior_score"] == "image-text cosine"
     resumed = NLIPTrainer(model=tiny_model(), args=args, train_dataset=pairs, processing_class=processor())
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     torch.testing.assert_close(resumed.noise_state.reference_prior.score, prior.score)

@@ -6,7 +6,16 @@ pairs far better than the per-pair losses of a model that is still learning. Eac
 
     c_i = cos(v_i, t_i) − β,    β = mean cosine of random (non-matching) pairs under the same reference model,
 
-so `c_i ≤ 0` means "no more similar than a random pair". The clean probability `p_i` is the posterior of the
+so `c_i ≤ 0` means "no more similar than a random pair". With `neighbours = k ≥ 1` the score is instead the caption
+agreement of the pair's k nearest images (beyond the papers; a deep-k-NN filter in the spirit of Bahri et al.,
+"Deep k-NN for Noisy Labels", ICML 2020, carried over to captions):
+
+    c_i = mean_{j ∈ kNN(v_i)} cos(t_i, t_j) − β_t,    β_t = mean cosine of random caption pairs,
+
+i.e. "do the images most like mine carry captions like mine". It needs no image-text alignment at all, only image
+features that put similar images together and caption features that put similar captions together, so a reference
+that is barely aligned (the run's own model after a warm-up epoch from scratch) still gives a usable score; under
+heavy random noise the clean caption is still the plurality among the neighbours. The clean probability `p_i` is the posterior of the
 low-"loss" component of the same two-component mixture the loss-based estimate uses (`CleanProbabilityEstimator`),
 fitted on `−c_i`, and is 0 wherever `c_i ≤ 0`. Choices, documented: OSA's released code weighs each pair by a
 polynomial of its debiased logit normalised by the batch maximum, which gives the most similar pair of every batch
@@ -18,6 +27,7 @@ normalised embeddings are kept too, so that SRCL can use the reference's similar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +56,33 @@ def random_pair_cosine(
     return float((image_embeds[rows] * text_embeds[columns]).sum(-1).mean())
 
 
+def neighbour_agreement(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, neighbours: int, *, chunk_size: int = 4096
+) -> torch.Tensor:
+    """`[N]` mean cosine `cos(t_i, t_j)` over the `neighbours` pairs `j ≠ i` whose images are most similar to `v_i`
+    (cosine; ties by index order), computed `chunk_size` rows at a time so memory stays `chunk_size × N`."""
+    count = image_embeds.shape[0]
+    if not 1 <= neighbours < count:
+        raise ValueError(f"The neighbour agreement needs 1 <= neighbours < the number of pairs ({count}); got {neighbours}.")
+    image_embeds = torch.nn.functional.normalize(image_embeds.double(), dim=-1)
+    text_embeds = torch.nn.functional.normalize(text_embeds.double(), dim=-1)
+    agreement = torch.empty(count, dtype=torch.float64)
+    for start in range(0, count, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, count))
+        similarity = image_embeds[rows] @ image_embeds.T
+        similarity[torch.arange(len(rows)), rows] = -math.inf  # not its own neighbour
+        nearest = similarity.topk(neighbours, dim=1).indices
+        agreement[rows] = (text_embeds[nearest] * text_embeds[rows, None]).sum(-1).mean(1)
+    return agreement
+
+
 @dataclass
 class ReferencePrior:
     """Debiased reference scores of the training pairs, by dataset index, and the clean probabilities they give.
 
     Attributes:
         score: `[num_samples]` float32 `c_i` (NaN for an index no pair had).
-        random_pair_cosine: β.
+        random_pair_cosine: β (of random caption pairs, `β_t`, for the neighbour agreement).
         clean_prob: `[num_samples]` float32 `p_i` (1 for an unscored index: no evidence).
         reason: why `clean_prob` is all ones (a degenerate score distribution), else None.
         image_embeds, text_embeds: `[num_samples, D]` float32 normalised reference embeddings (zeros for an unscored
@@ -68,17 +98,24 @@ class ReferencePrior:
 
     @classmethod
     def from_embeddings(
-        cls, embeddings: PairEmbeddings, num_samples: int, *, max_noisy_fraction: float = 0.9, seed: int = 0
+        cls, embeddings: PairEmbeddings, num_samples: int, *, max_noisy_fraction: float = 0.9, seed: int = 0,
+        neighbours: int = 0,
     ) -> ReferencePrior:
-        """Score the pairs of `embeddings` (reference-model embeddings with their dataset `index`)."""
+        """Score the pairs of `embeddings` (reference-model embeddings with their dataset `index`): the debiased
+        image-text cosine, or with `neighbours` ≥ 1 the debiased caption agreement of that many nearest images."""
         index = embeddings.index.long()
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_samples):
             raise ValueError(f"Reference embeddings hold dataset indices outside [0, {num_samples}).")
         image = torch.nn.functional.normalize(embeddings.image_embeds.double(), dim=-1)
         text = torch.nn.functional.normalize(embeddings.text_embeds.double(), dim=-1)
-        beta = random_pair_cosine(image, text, seed=seed)
+        if neighbours:
+            beta = random_pair_cosine(text, text, seed=seed)
+            raw = neighbour_agreement(image, text, neighbours)
+        else:
+            beta = random_pair_cosine(image, text, seed=seed)
+            raw = (image * text).sum(-1)
         score = torch.full((num_samples,), float("nan"), dtype=torch.float32)
-        score[index] = ((image * text).sum(-1) - beta).float()
+        score[index] = (raw - beta).float()
         estimator = CleanProbabilityEstimator(max_noisy_fraction=max_noisy_fraction, seed=seed)
         estimate = estimator.fit(-score.double().numpy())
         clean_prob = torch.from_numpy(estimate.clean_prob.copy())

@@ -57,6 +57,8 @@ class NoiseTracker:
                 noise_prior="reference",
                 noise_prior_model=args.noise_prior_model or (f"the model at the start of epoch {args.noise_prior_epoch}"
                                                              if args.noise_prior_epoch else "the starting model"),
+                noise_prior_score=(f"caption agreement of the {args.noise_prior_neighbours} nearest images"
+                                   if args.noise_prior_neighbours else "image-text cosine"),
                 noise_prior_weight=args.noise_prior_weight,
                 reference_random_pair_cosine=round(prior.random_pair_cosine, 4),
             )
@@ -123,7 +125,8 @@ class NoiseTracker:
         the seconds the pass and the fit took."""
         start = time.perf_counter()
         prior = ReferencePrior.from_embeddings(embed(), self.state.num_samples,
-                                               max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed)
+                                               max_noisy_fraction=self.args.noise_max_noisy_fraction, seed=self.args.seed,
+                                               neighbours=self.args.noise_prior_neighbours)
         self.state.set_reference_prior(prior, self.args.noise_prior_weight)
         seconds = time.perf_counter() - start
         logger.info("Reference prior from %s: %d pairs scored in %.1f s (random-pair cosine %.3f, mean noise "

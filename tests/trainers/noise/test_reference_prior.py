@@ -1,4 +1,5 @@
-"""The reference prior: debiased reference cosines → clean probabilities, the random-pair mean, state round trip."""
+"""The reference prior: debiased reference cosines (or neighbour agreement) → clean probabilities, the random-pair
+mean, state round trip."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from trainers.evaluation.embeddings import PairEmbeddings
-from trainers.noise.reference_prior import ReferencePrior, combine_noise, random_pair_cosine
+from trainers.noise.reference_prior import ReferencePrior, combine_noise, neighbour_agreement, random_pair_cosine
 
 
 def _aligned_pairs(count=400, dim=32, noise_rate=0.4, seed=0):
@@ -46,6 +47,45 @@ def test_prior_separates_mismatched_pairs_and_scores_by_index():
     assert (prior.clean_prob[5:405][prior.score[5:405] <= 0] == 0).all()
     summary = prior.summary()
     assert summary["num_scored"] == 400 and summary["random_pair_cosine"] == pytest.approx(beta)
+
+
+def test_neighbour_agreement_is_the_mean_caption_cosine_of_the_nearest_images():
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(30, 6, generator=generator), torch.randn(30, 5, generator=generator)
+    unit_i, unit_t = torch.nn.functional.normalize(image.double(), dim=-1), torch.nn.functional.normalize(text.double(), dim=-1)
+    expected = []
+    for i in range(30):
+        similarity = [(float(unit_i[i] @ unit_i[j]), j) for j in range(30) if j != i]
+        nearest = [j for _, j in sorted(similarity, reverse=True)[:4]]
+        expected.append(sum(float(unit_t[i] @ unit_t[j]) for j in nearest) / 4)
+    for chunk_size in (7, 4096):  # chunked rows give the same answer
+        torch.testing.assert_close(neighbour_agreement(image, text, 4, chunk_size=chunk_size),
+                                   torch.tensor(expected, dtype=torch.float64))
+    for bad in (0, 30):
+        with pytest.raises(ValueError, match=rf"1 <= neighbours < the number of pairs \(30\); got {bad}"):
+            neighbour_agreement(image, text, bad)
+
+
+def test_neighbour_prior_finds_class_noise_that_no_alignment_shows():
+    """Ten classes of images (clusters) with one caption embedding per class, the text space unrelated to the image
+    space (no alignment: the image-text cosine is useless); 70 % of the captions are shuffled. The neighbours' captions
+    still agree with a clean pair's own, far less with a noisy one's."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(600) % 10
+    image = 3 * torch.randn(10, 16, generator=generator)[labels] + torch.randn(600, 16, generator=generator)
+    caption_class = labels.clone()
+    picked = torch.randperm(600, generator=generator)[:420]
+    caption_class[picked] = caption_class[picked[torch.randperm(420, generator=generator)]]
+    text = torch.randn(10, 16, generator=generator)[caption_class] + 0.1 * torch.randn(600, 16, generator=generator)
+    wrong = (caption_class != labels).numpy()
+    embeddings = PairEmbeddings(image, text, torch.arange(600))
+    cosine = ReferencePrior.from_embeddings(embeddings, num_samples=600)
+    neighbours = ReferencePrior.from_embeddings(embeddings, num_samples=600, neighbours=20)
+    assert abs(roc_auc_score(wrong, cosine.noise_prob.numpy()) - 0.5) < 0.1
+    assert roc_auc_score(wrong, -neighbours.score.numpy()) > 0.95
+    assert neighbours.random_pair_cosine == pytest.approx(random_pair_cosine(text, text))
+    torch.testing.assert_close(neighbours.score, (neighbour_agreement(image, text, 20)
+                                                  - neighbours.random_pair_cosine).float())
 
 
 def test_state_round_trip_and_size_check():
