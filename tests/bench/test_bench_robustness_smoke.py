@@ -158,7 +158,7 @@ def test_every_method_gets_the_same_tuning_budget():
     assert candidates("rcl", 1e-3, (1e-3, 2e-3, 4e-3)) == [(1e-3, {"rcl_infonce_weight": 0.2}),
                                                            (1e-3, {"rcl_infonce_weight": 1.0})]
     assert candidates("npc", 1e-3) == [(1e-3, {"npc_clean_threshold": 0.7}), (1e-3, {"npc_clean_threshold": 0.5})]
-    assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.05})]
+    assert candidates("nlip+srcl", 1e-3) == [(1e-3, {"nitc_strength": 0.3}), (1e-3, {"srcl_weight_temperature": 0.2})]
     assert candidates("nlip@reference", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}), (1e-3, {"nitc_strength": 0.3})]
     assert candidates("srcl@reference", 1e-3) == candidates("srcl", 1e-3)
     # A neighbour-agreement prior tries more neighbours in the second slot.
