@@ -57,13 +57,15 @@ def random_pair_cosine(
 
 
 def neighbour_agreement(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, neighbours: int, *, chunk_size: int = 4096
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, neighbours: int, *, chunk_size: int | None = None
 ) -> torch.Tensor:
     """`[N]` mean cosine `cos(t_i, t_j)` over the `neighbours` pairs `j ≠ i` whose images are most similar to `v_i`
-    (cosine; ties by index order), computed `chunk_size` rows at a time so memory stays `chunk_size × N`."""
+    (cosine; an exact search, O(N²·D)). Rows go `chunk_size` at a time (default: as many as keep the `chunk × N`
+    similarities near 2^25 entries), so memory stays bounded at any N."""
     count = image_embeds.shape[0]
     if not 1 <= neighbours < count:
         raise ValueError(f"The neighbour agreement needs 1 <= neighbours < the number of pairs ({count}); got {neighbours}.")
+    chunk_size = chunk_size or max(1, 2**25 // count)
     image_embeds = torch.nn.functional.normalize(image_embeds.double(), dim=-1)
     text_embeds = torch.nn.functional.normalize(text_embeds.double(), dim=-1)
     agreement = torch.empty(count, dtype=torch.float64)
@@ -72,7 +74,10 @@ def neighbour_agreement(
         similarity = image_embeds[rows] @ image_embeds.T
         similarity[torch.arange(len(rows)), rows] = -math.inf  # not its own neighbour
         nearest = similarity.topk(neighbours, dim=1).indices
-        agreement[rows] = (text_embeds[nearest] * text_embeds[rows, None]).sum(-1).mean(1)
+        neighbour_texts = torch.zeros(len(rows), text_embeds.shape[1], dtype=torch.float64)
+        for column in nearest.T:  # mean_j t_i·t_j = t_i · mean_j t_j, one neighbour rank at a time
+            neighbour_texts += text_embeds[column]
+        agreement[rows] = (text_embeds[rows] * neighbour_texts).sum(-1) / neighbours
     return agreement
 
 
