@@ -177,7 +177,7 @@ SETTINGS: dict[str, Setting] = {
         differ_by="label",
     ),
 }
-# Emoji has no categories (no hard swap); 800 of its pairs and four noise levels keep the whole table near 70 min.
+# Emoji has no categories (no hard swap); 800 of its pairs and four noise levels keep the whole table near 35 min.
 SETTINGS["pretrained_emoji"] = replace(SETTINGS["pretrained_tuxpaint"], dataset="emoji", noise_ratios=(0.0, 0.4, 0.6, 0.8),
                                       hard_noise_ratios=(), max_train_samples=800, swap_within=None,
                                       reference_datasets=("tuxpaint",))

@@ -14,8 +14,8 @@ agreement of the pair's k nearest images (beyond the papers; a deep-k-NN filter 
 
 i.e. "do the images most like mine carry captions like mine". It needs no image-text alignment at all, only image
 features that put similar images together and caption features that put similar captions together, so a reference
-that is barely aligned (the run's own model after a warm-up epoch from scratch) still gives a usable score; under
-heavy random noise the clean caption is still the plurality among the neighbours. The clean probability `p_i` is the posterior of the
+that is not aligned (unimodal pretrained towers, an early snapshot of a run from scratch) can still score pairs; under
+random noise the clean caption stays the plurality among the neighbours. The clean probability `p_i` is the posterior of the
 low-"loss" component of the same two-component mixture the loss-based estimate uses (`CleanProbabilityEstimator`),
 fitted on `−c_i`, and is 0 wherever `c_i ≤ 0`. Choices, documented: OSA's released code weighs each pair by a
 polynomial of its debiased logit normalised by the batch maximum, which gives the most similar pair of every batch
@@ -114,6 +114,9 @@ class ReferencePrior:
         image = torch.nn.functional.normalize(embeddings.image_embeds.double(), dim=-1)
         text = torch.nn.functional.normalize(embeddings.text_embeds.double(), dim=-1)
         if neighbours:
+            if neighbours >= len(index):
+                raise ValueError(f"noise_prior_neighbours={neighbours} needs more scored pairs than that; the training "
+                                 f"set has {len(index)}.")
             beta = random_pair_cosine(text, text, seed=seed)
             raw = neighbour_agreement(image, text, neighbours)
         else:

@@ -86,6 +86,9 @@ def test_neighbour_prior_finds_class_noise_that_no_alignment_shows():
     assert neighbours.random_pair_cosine == pytest.approx(random_pair_cosine(text, text))
     torch.testing.assert_close(neighbours.score, (neighbour_agreement(image, text, 20)
                                                   - neighbours.random_pair_cosine).float())
+    with pytest.raises(ValueError, match="noise_prior_neighbours=600 needs more scored pairs than that; the training "
+                                         "set has 600"):
+        ReferencePrior.from_embeddings(embeddings, num_samples=600, neighbours=600)
 
 
 def test_state_round_trip_and_size_check():
