@@ -673,8 +673,8 @@ class NLIPTrainer(Trainer):
             self.noise_state.load(checkpoint, expected_num_samples=expected)
             legacy = self.noise_state.legacy_objective_state
             self.batch_skips.restore(self.noise_state.batch_skips)
-            if self.args.noise_prior == "reference" and self.noise_state.reference_prior is None \
-                    and self.args.noise_prior_epoch == 0:  # a snapshot prior is scored at its epoch (NoiseTracker)
+            # A frozen reference's prior the checkpoint lacks is scored now (a snapshot's at its epoch, by NoiseTracker).
+            if self.args.scores_prior_before_training and self.noise_state.reference_prior is None:
                 if self._prior_model is None and self.args.noise_prior_model is None:
                     raise ValueError(
                         f"Checkpoint {checkpoint} has no reference prior, and the default reference (the model before "
@@ -786,7 +786,7 @@ class NLIPTrainer(Trainer):
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
         if checkpoint is not None:
             self.check_resume_data(checkpoint)
-        elif self.args.noise_prior == "reference" and self.args.noise_prior_epoch == 0:
+        elif self.args.scores_prior_before_training:
             self.score_reference_prior()  # on resume the checkpoint's noise state holds it
         self._warn_if_warmup_outlasts_training()
         result = super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,

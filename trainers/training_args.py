@@ -376,6 +376,12 @@ class NLIPTrainingArguments(TrainingArguments):
         """The method components in use (`{"nlip", "srcl"}` for `nlip+srcl`; empty for `clip`)."""
         return parse_method(self.method)
 
+    @property
+    def scores_prior_before_training(self) -> bool:
+        """Whether the reference prior is scored once before the first step, by a frozen reference (`noise_prior`
+        'reference' with `noise_prior_epoch` 0), rather than by the run's own snapshot at epoch N."""
+        return self.noise_prior == "reference" and self.noise_prior_epoch == 0
+
     def srcl_alpha(self, global_step: int, max_steps: int) -> float:
         """SRCL's α at `global_step`: linear from `srcl_alpha_start` (step 0) to `srcl_alpha_end` (the last step)."""
         progress = min(1.0, global_step / max(1, max_steps - 1))

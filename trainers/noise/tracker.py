@@ -23,6 +23,11 @@ from .state import NoiseState
 logger = logging.getLogger(__name__)
 
 
+def snapshot_name(epoch: int) -> str:
+    """How logs and the model card name a snapshot reference (`noise_prior_epoch`)."""
+    return f"the model at the start of epoch {epoch}"
+
+
 class NoiseTracker:
     """The noise estimate of one run.
 
@@ -55,7 +60,7 @@ class NoiseTracker:
         if prior is not None:
             settings.update(
                 noise_prior="reference",
-                noise_prior_model=args.noise_prior_model or (f"the model at the start of epoch {args.noise_prior_epoch}"
+                noise_prior_model=args.noise_prior_model or (snapshot_name(args.noise_prior_epoch)
                                                              if args.noise_prior_epoch else "the starting model"),
                 noise_prior_score=(f"caption agreement of the {args.noise_prior_neighbours} nearest images"
                                    if args.noise_prior_neighbours else "image-text cosine"),
@@ -143,7 +148,7 @@ class NoiseTracker:
             result = context.train_set_pass(epoch, features=True)
             return PairEmbeddings(result.image_features, result.text_features, result.index)
 
-        prior, seconds = self.score_prior(embed, f"the model at the start of epoch {epoch}")
+        prior, seconds = self.score_prior(embed, snapshot_name(epoch))
         context.log({"noise/reference_pass_s": seconds})
         return prior
 
