@@ -10,13 +10,15 @@ Protocol (the same for every method; `--quick` shrinks sizes, never the protocol
    training and the validation split (the validation data is as noisy as the training data: no clean labels assumed);
    the test split stays clean.
 3. **Tuning.** For each method, at the tuning noise (random, `tuning_ratio`, 40 %) with seed 0, scored on the
-   validation split: stage 1 trains every learning rate of the setting's grid with the method's defaults; stage 2
-   trains two candidates of the method's own hyper-parameters at the best learning rate (`METHOD_CANDIDATES`: NITC's
-   λ and warm-up, NPC's clean threshold, SRCL's τ_w, RCL's InfoNCE weight β, the reference prior's weight; `clip`,
-   which has none, tries the learning rate halved and doubled instead). Every method thus gets the same tuning budget (`clip`
-   included: the baseline is tuned exactly like the methods; a halved or doubled rate already in the grid becomes the
-   geometric midpoint between it and the best, so no configuration is trained twice); the best validation score is
-   kept for every noise level, ties going to the defaults.
+   validation split: stage 1 trains every learning rate of the setting's grid with the method's defaults
+   (`--combination_start components`: a combination such as `nlip+srcl` with its components' tuned settings instead,
+   `inherited_settings`); stage 2 trains two candidates of the method's own hyper-parameters at the best learning
+   rate (`METHOD_CANDIDATES`: NITC's λ and warm-up, NPC's clean threshold, SRCL's τ_w, RCL's InfoNCE weight β, the
+   reference prior's weight; `clip`, which has none, tries the learning rate halved and doubled instead). Every
+   method thus gets the same tuning budget (`clip` included: the baseline is tuned exactly like the methods; a
+   halved or doubled rate already in the grid becomes the geometric midpoint between it and the best, so no
+   configuration is trained twice); the best validation score is kept for every noise level, ties going to stage 1's
+   settings.
 4. **Seeds.** The chosen learning rate is trained with `--seeds` (default 0 1 2: initialisation of the heads, noise draw,
    data order) and evaluated on the test split. Cells report mean ± sample std; a method's cell is *significant* when
    its gap to `clip` exceeds both its own std and `clip`'s.
@@ -509,34 +511,69 @@ PRIOR_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_weight": 1.0},)
 # A neighbour-agreement prior's second candidate: more neighbours (steadier under heavy noise).
 NEIGHBOURS_CANDIDATES: tuple[dict[str, Any], ...] = ({"noise_prior_neighbours": 50},)
 TUNING_CANDIDATES = 2
+# Where a combination's stage 1 starts (`--combination_start`): its defaults, or its components' tuned settings.
+COMBINATION_STARTS = ("defaults", "components")
 
 
-def method_candidates(method: str, learning_rate: float,
-                      grid: tuple[float, ...] = ()) -> list[tuple[float, dict[str, Any]]]:
-    """The stage-2 candidates `(learning rate, settings)` of `method` at its stage-1 learning rate: the prior's
-    weight first (`@reference` with a method that uses the noise estimate), then each component's alternatives in
-    turn; padded with the learning rate halved and doubled. A halved or doubled rate already in the stage-1 `grid`
-    (a grid that steps by 2) is replaced by the geometric midpoint between it and the best, so that no configuration
-    is trained twice and every method gets the same number of distinct ones."""
+def components(method: str) -> list[str]:
+    """The single methods a spec combines: `nlip+srcl@reference` -> `["nlip", "srcl"]`."""
+    return method_names(split_method(method)[0])
+
+
+def is_combination(method: str) -> bool:
+    return len(components(method)) > 1
+
+
+def tuning_order(methods: list[str]) -> list[str]:
+    """`methods` with every combination after the single methods (otherwise in the given order): a combination's
+    tuning may start from its components' (`inherited_settings`)."""
+    return sorted(methods, key=is_combination)
+
+
+def inherited_settings(method: str, tunings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where a combination's tuning starts with `--combination_start components`: each component's own tuned settings
+    (the component as tuned in this table, without a prior), merged in the combination's order; `{}` for a single
+    method, and nothing from a component the table has not tuned (its defaults). The learning rate is then tuned with
+    settings each component chose rather than with defaults a component may have rejected."""
+    if not is_combination(method):
+        return {}
+    merged: dict[str, Any] = {}
+    for name in components(method):
+        merged.update((tunings.get(name) or {}).get("method_settings") or {})
+    return merged
+
+
+def method_candidates(method: str, learning_rate: float, grid: tuple[float, ...] = (),
+                      start: dict[str, Any] | None = None) -> list[tuple[float, dict[str, Any]]]:
+    """The stage-2 candidates `(learning rate, settings)` of `method` at its stage-1 learning rate, each on top of the
+    stage-1 settings `start` (`inherited_settings`): the prior's weight first (`@reference` with a method that uses
+    the noise estimate), then each component's alternatives in turn, skipping any that `start` already holds; padded
+    with the learning rate halved and doubled. A halved or doubled rate already in the stage-1 `grid` (a grid that
+    steps by 2) is replaced by the geometric midpoint between it and the best, so that no configuration is trained
+    twice and every method gets the same number of distinct ones."""
+    start = dict(start or {})
     base, prior = split_method(method)
     names = method_names(base)
     per_component = [METHOD_CANDIDATES.get(name, ()) for name in names]
     interleaved = [c for group in zip_longest(*per_component) for c in group if c is not None]
     weighs_prior = prior is not None and any(objective_class(name).uses_noise_estimate for name in names)
-    settings = [*(PRIOR_CANDIDATES if weighs_prior else ()),
-                *(NEIGHBOURS_CANDIDATES if scores_by_neighbours(method) else ()), *interleaved][:TUNING_CANDIDATES]
+    alternatives = [*(PRIOR_CANDIDATES if weighs_prior else ()),
+                    *(NEIGHBOURS_CANDIDATES if scores_by_neighbours(method) else ()), *interleaved]
+    settings = [{**start, **c} for c in alternatives if {**start, **c} != start][:TUNING_CANDIDATES]
     candidates = [(learning_rate, candidate) for candidate in settings]
     for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
         tried = any(math.isclose(learning_rate * factor, rate, rel_tol=1e-6) for rate in grid)
-        candidates.append((learning_rate * (math.sqrt(factor) if tried else factor), {}))
+        candidates.append((learning_rate * (math.sqrt(factor) if tried else factor), dict(start)))
     return candidates
 
 
 def tune(setting: Setting, splits: Splits, method: str, seed: int, captions: list[str],
-         reference: NLIPModel | None = None) -> dict[str, Any]:
+         reference: NLIPModel | None = None, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """At the tuning noise (random, `setting.tuning_ratio`), seed `seed`, scored on the validation split: stage 1,
-    every learning rate of the grid with the method's defaults; stage 2, `method_candidates` at the best of them.
-    The best validation headline wins (ties: the earlier candidate, i.e. the defaults)."""
+    every learning rate of the grid with the settings `start` (a combination's `inherited_settings`; else the method's
+    defaults); stage 2, `method_candidates` at the best of them. The best validation headline wins (ties: the earlier
+    candidate, i.e. stage 1's)."""
+    start = dict(start or {})
     ratio = setting.tuning_ratio
     val = noisy(splits.val, setting, "random", ratio, seed=10_000)
     train = noisy(splits.train, setting, "random", ratio, seed=seed)
@@ -547,14 +584,15 @@ def tune(setting: Setting, splits: Splits, method: str, seed: int, captions: lis
         return max(scored, key=lambda item: item[1])[0] if scored else None
 
     runs = [run_one(setting, splits, train, val, method, learning_rate, seed, captions, evaluate_test=True,
-                    reference=reference) for learning_rate in setting.learning_rates]
+                    reference=reference, method_settings=start) for learning_rate in setting.learning_rates]
     best = score(runs)
     if best is not None:
         runs += [run_one(setting, splits, train, val, method, learning_rate, seed, captions, evaluate_test=True,
                          reference=reference, method_settings=settings)
-                 for learning_rate, settings in method_candidates(method, best["learning_rate"], setting.learning_rates)]
+                 for learning_rate, settings in method_candidates(method, best["learning_rate"], setting.learning_rates,
+                                                                 start)]
         best = score(runs)
-    tuning = {"method": method, "noise": f"random {ratio}", "seed": seed,
+    tuning = {"method": method, "noise": f"random {ratio}", "seed": seed, "start": start,
               "grid": [{"learning_rate": r["learning_rate"], "method_settings": r["method_settings"],
                         "val_headline": value_at(r, ("val", *setting.headline)), "error": r["error"]} for r in runs]}
     if best is not None:
@@ -831,7 +869,10 @@ def markdown(results: dict[str, Any]) -> str:
             text = f"{_choice_text(entry)}: {_number(entry['val_headline'])}"
             chosen = (entry["learning_rate"], entry["method_settings"]) == (tuning["learning_rate"], tuning["method_settings"])
             entries.append(f"**{text}**" if chosen else text)
-        lines.append(f"- `{tuning['method']}`: " + "; ".join(entries))
+        start = tuning.get("start")
+        inherited = (" (stage 1 with its components' tuned " + ", ".join(f"{k}={v:g}" for k, v in start.items()) + ")"
+                     if start else "")
+        lines.append(f"- `{tuning['method']}`{inherited}: " + "; ".join(entries))
     lines.append("")
     reference = results.get("reference")
     if reference:
@@ -893,8 +934,12 @@ def save_partial(path: Path | None, tunings: dict[str, Any], cells: list[dict[st
 
 
 def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int], noise_types: list[str],
-        threads: int, progress: bool, partial_path: Path | None = None) -> dict[str, Any]:
-    """The whole table; `partial_path` receives the finished runs after each method's tuning and each cell."""
+        threads: int, progress: bool, partial_path: Path | None = None,
+        earlier_tunings: dict[str, dict[str, Any]] | None = None,
+        combination_start: str = "defaults") -> dict[str, Any]:
+    """The whole table; `partial_path` receives the finished runs after each method's tuning and each cell. Single
+    methods are tuned before combinations; with `combination_start="components"` a combination starts from its
+    components' tunings (`inherited_settings`): this run's, else `earlier_tunings` (the table a `--rerun` goes into)."""
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -912,12 +957,15 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     plan = [("random", r) for r in setting.noise_ratios if "random" in noise_types]
     plan += [("hard", r) for r in setting.hard_noise_ratios if "hard" in noise_types and r > 0]
     bar = tqdm(total=len(methods) * (1 + len(plan)), desc=f"robustness {setting_name}", disable=not progress)
-    tunings = {}
-    for method in methods:
+    tunings: dict[str, dict[str, Any]] = {}
+    for method in tuning_order(methods):
         bar.set_postfix_str(f"tuning {method}")
-        tunings[method] = tune(setting, splits, method, seeds[0], captions, reference)
+        stage1 = (inherited_settings(method, {**(earlier_tunings or {}), **tunings})
+                  if combination_start == "components" else {})
+        tunings[method] = tune(setting, splits, method, seeds[0], captions, reference, stage1)
         save_partial(partial_path, tunings, [])
         bar.update()
+    tunings = {method: tunings[method] for method in methods}
     cells = []
     for noise_type, ratio in plan:
         for method in methods:
@@ -945,9 +993,11 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
             "freeze_towers": setting.freeze_towers,
             "tuning_ratio": setting.tuning_ratio,
             "tuning": f"per method, seed {seeds[0]}, random noise {setting.tuning_ratio}, validation headline: every "
-            f"learning rate with the method's defaults, then {TUNING_CANDIDATES} candidates of its own settings at the "
-            "best (`METHOD_CANDIDATES`; the learning rate halved / doubled for a method without any); the best is "
-            "kept for every noise level",
+            "learning rate with the method's defaults"
+            + (" (a combination: its components' tuned settings)" if combination_start == "components" else "")
+            + f", then {TUNING_CANDIDATES} candidates of its own settings at the best (`METHOD_CANDIDATES`; the "
+            "learning rate halved / doubled for a method without any); the best is kept for every noise level",
+            "combination_start": combination_start,
         },
         "model": {
             "preset": setting.model_size, "from_scratch_sizes": None if setting.model is None else asdict(setting.model),
@@ -987,8 +1037,17 @@ def budget_sweep(setting_name: str, setting: Setting, threads: int, progress: bo
 
 
 # What a rerun must share with the table it goes into, beyond what `rerun_base` checks from the arguments: what the
-# run itself reports (the data sizes, the model, the tuning budget).
+# run itself reports (the data sizes, the model, the tuning budget; the budget's prose description of the tuning and
+# its `combination_start` aside, which `rerun_base` checks and the rerun's replace).
 RERUN_MUST_MATCH = ("setting", "headline_path", "budget", "model")
+
+
+def rerun_comparable(table: dict[str, Any], key: str) -> Any:
+    """`table[key]` as a rerun must match it (`RERUN_MUST_MATCH`)."""
+    value = table.get(key)
+    if key == "budget" and value:
+        return {k: v for k, v in value.items() if k not in ("tuning", "combination_start")}
+    return value
 
 
 def rerun_base(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -1000,6 +1059,16 @@ def rerun_base(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         if earlier.get(key) != value:
             raise SystemExit(f"--rerun: {path} was run with {key} = {earlier.get(key)!r}, this run has {value!r}; "
                              "rerun the whole table instead")
+    rerun = set(args.methods)
+    kept_combinations = [m for m in earlier["methods"] if m not in rerun and is_combination(m)]
+    before = earlier["budget"].get("combination_start", "defaults")
+    if kept_combinations and args.combination_start != before:
+        raise SystemExit(f"--rerun: {path} tuned {' '.join(kept_combinations)} with --combination_start {before}; "
+                         f"rerun them too, or keep --combination_start {before}")
+    stale = [m for m in kept_combinations if rerun & set(components(m))]
+    if stale and args.combination_start == "components":
+        raise SystemExit(f"--rerun: {' '.join(stale)} started from the tunings of components this run trains again; "
+                         "rerun them too")
     return earlier
 
 
@@ -1009,16 +1078,16 @@ def with_rerun(earlier: dict[str, Any], rerun: dict[str, Any], setting: Setting,
     `invocation` (1 for the first rerun), so that step times are compared with `clip` only within one invocation. The
     other methods' runs are kept as they were: a rerun is for a change that touches only the rerun methods."""
     for key in RERUN_MUST_MATCH:
-        if earlier.get(key) != rerun.get(key):
-            raise SystemExit(f"--rerun: {path} was run with {key} = {earlier.get(key)!r}, this run has "
-                             f"{rerun.get(key)!r}; rerun the whole table instead")
+        if rerun_comparable(earlier, key) != rerun_comparable(rerun, key):
+            raise SystemExit(f"--rerun: {path} was run with {key} = {rerun_comparable(earlier, key)!r}, this run has "
+                             f"{rerun_comparable(rerun, key)!r}; rerun the whole table instead")
     methods = rerun["methods"]
     before, after = (earlier.get("reference") or {}).get("dataset"), (rerun.get("reference") or {}).get("dataset")
     stale = [m for m in earlier["methods"] if split_method(m)[1] == "reference" and m not in methods]
     if after is not None and before not in (None, after) and stale:
         raise SystemExit(f"--rerun: the reference changed ({before} -> {after}); rerun {' '.join(stale)} too, so that "
                          "every `@reference` row of the table uses one reference")
-    merged = dict(earlier)
+    merged = {**earlier, "budget": rerun["budget"]}
     merged["methods"] = earlier["methods"] + [m for m in methods if m not in earlier["methods"]]
     order = {m: i for i, m in enumerate(merged["methods"])}
     merged["tuning"] = sorted([t for t in earlier["tuning"] if t["method"] not in methods] + rerun["tuning"],
@@ -1062,6 +1131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train only these methods again (after a change to them) and keep every other method's "
                         "tuning and cells from --output_dir's table of the same setting, seeds and budget; the table "
                         "lists each rerun with its command")
+    parser.add_argument("--combination_start", choices=COMBINATION_STARTS, default="defaults",
+                        help="where a combination's tuning starts: its defaults (the tables' protocol), or its "
+                        "components' tuned settings (`inherited_settings`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.rerun:
@@ -1165,7 +1237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         earlier = rerun_base(output, args) if args.rerun else None
         results = run(args.setting, setting, list(args.methods), list(args.seeds), list(args.noise_types),
-                      args.threads, not args.no_progress, partial)
+                      args.threads, not args.no_progress, partial,
+                      {t["method"]: t for t in earlier["tuning"]} if earlier is not None else None,
+                      args.combination_start)
         results["quick"] = args.quick
         results["command"] = " ".join(["python bench/robustness.py", *(sys.argv[1:] if argv is None else argv)])
         if earlier is not None:

@@ -107,6 +107,9 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
         module.main([*argv[:6], "--seeds", "0", "--no-progress", "--output_dir", str(tmp_path), "--rerun", "nlip"])
     try:
         rerun = module.main([*argv, "--rerun", "nlip"])
+        # With --combination_start components, a combination rerun into the table starts from its components'
+        # tunings there (nlip's; srcl has none).
+        combined = module.main([*argv, "--rerun", "nlip+srcl", "--combination_start", "components"])
     finally:
         torch.set_num_threads(threads)
     assert rerun["methods"] == ["clip", "nlip"] and rerun["command"] == results["command"]
@@ -116,11 +119,24 @@ def test_fashion_mnist_quick_run_follows_the_protocol(tmp_path):
     assert len(new_nlip) == 3 and new_nlip != [c for c in results["cells"] if c["method"] == "nlip"]
     assert [(r["methods"], r["command"].split("--rerun ")[1]) for r in rerun["reruns"]] == [(["nlip"], "nlip")]
     assert rerun["summary"] == module.summarise(module.resolve_setting(module.parse_args(argv)), rerun["cells"], ["clip", "nlip"])
-    assert "Rerun: `python bench/robustness.py" in output.with_suffix(".md").read_text()
     assert all(c.get("invocation", 0) == (1 if c["method"] == "nlip" else 0) for c in rerun["cells"])
     # nlip was trained by another command than clip: its step time is not compared with clip's.
     assert set(rerun["summary"]["random"]["step_time_vs_clip"]["nlip"].values()) == {None}
     assert rerun["summary"]["random"]["step_time_vs_clip"]["clip"]["0.4"] == 1.0
+    assert combined["methods"] == ["clip", "nlip", "nlip+srcl"] and combined["tuning"][:2] == rerun["tuning"]
+    start = combined["tuning"][2]["start"]
+    assert start == rerun["tuning"][1]["method_settings"]
+    assert [g["method_settings"] for g in combined["tuning"][2]["grid"][:2]] == [start, start]
+    markdown = output.with_suffix(".md").read_text()
+    assert "Rerun: `python bench/robustness.py" in markdown
+    assert ("- `nlip+srcl` (stage 1 with its components' tuned" in markdown) == bool(start)
+    assert combined["budget"]["combination_start"] == "components" and rerun["budget"]["combination_start"] == "defaults"
+    # Refused before anything trains: training nlip again would leave nlip+srcl tuned from a stale start, and a table's
+    # combinations are all tuned by one rule.
+    with pytest.raises(SystemExit, match=r"nlip\+srcl started from the tunings of components this run trains again"):
+        module.main([*argv, "--rerun", "nlip", "--combination_start", "components"])
+    with pytest.raises(SystemExit, match=r"tuned nlip\+srcl with --combination_start components; rerun them too"):
+        module.main([*argv, "--rerun", "nlip"])
 
 
 def test_summary_statistics():
@@ -164,6 +180,29 @@ def test_every_method_gets_the_same_tuning_budget():
     # A neighbour-agreement prior tries more neighbours in the second slot.
     assert candidates("nlip@snapshot-neighbours", 1e-3) == [(1e-3, {"noise_prior_weight": 1.0}),
                                                             (1e-3, {"noise_prior_neighbours": 50})]
+    # On top of a combination's start (its components' tunings), skipping the alternatives the start already holds.
+    start = {"nitc_strength": 0.3, "srcl_weight_temperature": 0.2}
+    assert candidates("nlip+srcl", 1e-3, (), start) == [(1e-3, {**start, "noise_warmup_epochs": 2}),
+                                                        (1e-3, {**start, "srcl_weight_temperature": 0.05})]
+    assert candidates("nlip+srcl@reference", 1e-3, (), start) == [(1e-3, {**start, "noise_prior_weight": 1.0}),
+                                                                  (1e-3, {**start, "noise_warmup_epochs": 2})]
+
+
+def test_a_combination_starts_from_its_components_tunings():
+    """Single methods are tuned first; a combination's stage 1 uses each component's tuned settings (without a
+    prior), merged; a component the table has not tuned contributes its defaults."""
+    module = load_bench_script("robustness")
+    assert module.components("nlip+srcl@reference") == ["nlip", "srcl"] and module.components("clip") == ["clip"]
+    assert module.tuning_order(["nlip+srcl", "clip", "nlip+srcl@reference", "srcl@reference"]) == [
+        "clip", "srcl@reference", "nlip+srcl", "nlip+srcl@reference"]
+    tunings = {"nlip": {"method_settings": {"nitc_strength": 0.3}},
+               "srcl": {"method_settings": {"srcl_weight_temperature": 0.2}},
+               "nlip@reference": {"method_settings": {"noise_prior_weight": 1.0}}}
+    both = {"nitc_strength": 0.3, "srcl_weight_temperature": 0.2}
+    assert module.inherited_settings("nlip+srcl", tunings) == both
+    assert module.inherited_settings("nlip+srcl@reference", tunings) == both
+    assert module.inherited_settings("npc+srcl", tunings) == {"srcl_weight_temperature": 0.2}
+    assert module.inherited_settings("nlip", tunings) == {} == module.inherited_settings("nlip@reference", tunings)
 
 
 def test_locked_tower_evaluation_reuses_tower_outputs():

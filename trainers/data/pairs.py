@@ -257,11 +257,13 @@ def _pair_problems(
     text_column: str,
     key_column: str | None,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    first_row: int = 0,
 ) -> dict:
-    """`datasets.map` function: the skip reason ('' when fine) and the key of every pair of a batch."""
+    """`datasets.map` function: the skip reason ('' when fine) and the key of every pair of a batch (`first_row`: the
+    row number, in the whole dataset, of the mapped part's first row)."""
     reasons, keys = [], []
     for row, (image, text) in enumerate(zip(batch[image_column], batch[text_column], strict=True)):
-        key = str(batch[key_column][row]) if key_column else image_key(image, fallback=f"row {indices[row]}")
+        key = str(batch[key_column][row]) if key_column else image_key(image, fallback=f"row {first_row + indices[row]}")
         _, reason, detail = decode_image(image, max_pixels)
         if reason is None and not non_empty_captions(text):
             reason, detail = EMPTY_CAPTION, f"caption {text!r}"
@@ -280,6 +282,7 @@ def validate_pairs(
     num_proc: int | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     source: str = "The dataset",
+    limit: int | None = None,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """Decode every image once and drop the pairs with a missing/undecodable image, more than `max_image_pixels`
     pixels (checked before decoding) or an empty caption. When no pair is left, an `InvalidPairError` says so, naming
@@ -288,30 +291,42 @@ def validate_pairs(
     The check is a `datasets.map` that writes only the reasons (cached for file-backed data, so a later run re-reads
     the answer instead of re-decoding; its progress bar follows `datasets.disable_progress_bars()`). Rows are keyed by
     `key_column` when given, else by the image's path (or row number). With `strict=True` the first bad pair raises
-    an `InvalidPairError` naming its file.
+    an `InvalidPairError` naming its file. With `limit`, the first `limit` valid pairs are returned and only the rows
+    up to the last of them are checked (and counted in the report): the rows still needed are checked, in order,
+    until enough pass or the dataset ends.
     """
     checked = dataset.cast_column(image_column, datasets.Image(decode=False))
-    problems = checked.map(
-        _pair_problems,
-        batched=True,
-        batch_size=64,
-        with_indices=True,
-        fn_kwargs={
-            "image_column": image_column,
-            "text_column": text_column,
-            "key_column": key_column,
-            "max_pixels": check_max_image_pixels(max_image_pixels),
-        },
-        remove_columns=checked.column_names,
-        num_proc=num_proc,
-        desc="Checking image-text pairs",
-    )
-    reasons = column_values(problems, _REASON_COLUMN)
+    wanted = len(dataset) if limit is None else min(limit, len(dataset))
+    reasons: list[str] = []
+    keys: list[str] = []
+    while len(reasons) < len(dataset):
+        valid = len(reasons) - sum(map(bool, reasons))
+        if valid >= wanted:
+            break
+        first, stop = len(reasons), min(len(dataset), len(reasons) + wanted - valid)
+        part = checked if (first, stop) == (0, len(dataset)) else checked.select(range(first, stop))
+        problems = part.map(
+            _pair_problems,
+            batched=True,
+            batch_size=64,
+            with_indices=True,
+            fn_kwargs={
+                "image_column": image_column,
+                "text_column": text_column,
+                "key_column": key_column,
+                "max_pixels": check_max_image_pixels(max_image_pixels),
+                "first_row": first,
+            },
+            remove_columns=checked.column_names,
+            num_proc=num_proc,
+            desc="Checking image-text pairs",
+        )
+        reasons += column_values(problems, _REASON_COLUMN)
+        keys += column_values(problems, _KEY_COLUMN)
     report = SkipReport()
     bad = [row for row, reason in enumerate(reasons) if reason]
     if not bad:
-        return dataset, report
-    keys = column_values(problems, _KEY_COLUMN)
+        return (dataset if len(reasons) == len(dataset) else dataset.select(range(len(reasons)))), report
     if strict:
         reason, detail = reasons[bad[0]].split("\t", 1)
         raise InvalidPairError(
@@ -329,6 +344,14 @@ def validate_pairs(
         )
     bad_rows = set(bad)
     return dataset.select([row for row in range(len(reasons)) if row not in bad_rows]), report
+
+
+def split_limit(max_samples_per_split: int | Mapping[str, int | None] | None, split: str) -> int | None:
+    """The most examples of `split` to build: `max_samples_per_split` itself, or its entry for `split` when it is a
+    mapping (a split it does not name is not limited). 0 means the split is not built at all."""
+    if isinstance(max_samples_per_split, Mapping):
+        return max_samples_per_split.get(split)
+    return max_samples_per_split
 
 
 def add_index(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -358,13 +381,16 @@ def _finish(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     source: str = "The dataset",
     split: str | None = None,
+    limit: int | None = None,
 ) -> datasets.Dataset:
     """Validate (updating `report`, and `report.splits[split]`) and index a map-style dataset already holding `image`
-    and `text` columns."""
+    and `text` columns; `limit`: keep its first `limit` valid pairs, checking no row beyond them."""
+    if limit is not None and not validate:
+        dataset = dataset.select(range(min(limit, len(dataset))))
     if validate:
         dataset, split_report = validate_pairs(
             dataset, key_column=key_column, strict=strict, num_proc=num_proc, max_image_pixels=max_image_pixels,
-            source=source,
+            source=source, limit=limit,
         )
         report.update(split_report)
         if split is not None:
@@ -503,6 +529,7 @@ def load_imagefolder_pairs(
     num_proc: int | None = None,
     return_report: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_samples_per_split: int | Mapping[str, int | None] | None = None,
     **load_kwargs: Any,
 ) -> datasets.Dataset | datasets.DatasetDict | tuple[datasets.Dataset | datasets.DatasetDict, SkipReport]:
     """Load an `imagefolder` directory with `metadata.jsonl`/`metadata.csv` captions as image-text pairs.
@@ -512,7 +539,8 @@ def load_imagefolder_pairs(
     a `DatasetDict`. Broken pairs are skipped and counted (`strict=True`: raise), and `index` is added per split.
     Image files that no metadata row lists are counted (`UNLISTED_IMAGE`, with their paths; `strict=True`: raise),
     and metadata that is not UTF-8 (or not JSON, for `.jsonl`) raises a `MetadataError` naming the file and line.
-    `load_kwargs` go to `datasets.load_dataset`.
+    `max_samples_per_split` (one limit, or `{split: limit}`; see `split_limit`) keeps each split's first valid pairs
+    and decodes no image beyond them (the metadata is still read whole). `load_kwargs` go to `datasets.load_dataset`.
     """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a directory.")
@@ -545,7 +573,8 @@ def load_imagefolder_pairs(
             dataset = dataset.rename_column(caption_column, "text")
         dataset = _group_captions_by_image(dataset)
         return _finish(dataset, report, validate=validate, strict=strict, key_column=None, num_proc=num_proc,
-                       max_image_pixels=max_image_pixels, source=source, split=name)
+                       max_image_pixels=max_image_pixels, source=source, split=name,
+                       limit=split_limit(max_samples_per_split, name or "train"))
 
     if isinstance(loaded, datasets.DatasetDict):
         result = datasets.DatasetDict({name: prepare(dataset, name) for name, dataset in loaded.items()})

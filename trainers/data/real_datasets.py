@@ -40,7 +40,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 from filelock import FileLock
 
-from .pairs import add_index, to_rgb
+from .pairs import add_index, split_limit, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,6 @@ def _build_splits(
             ) from err
         built[split] = add_index(dataset)
     return datasets.DatasetDict(built)
-
-
-def split_limit(max_samples_per_split: int | Mapping[str, int | None] | None, split: str) -> int | None:
-    """The most examples of `split` to build: `max_samples_per_split` itself, or its entry for `split` when it is a
-    mapping (a split it does not name is not limited). 0 means the split is not built at all."""
-    if isinstance(max_samples_per_split, Mapping):
-        return max_samples_per_split.get(split)
-    return max_samples_per_split
 
 
 def _seeded_split(

@@ -164,10 +164,10 @@ class DataArguments:
     )
     noise_seed: int = field(default=0, metadata={"help": "Seed of the synthetic caption noise."})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first this many training pairs (all when unset)."}
+        default=None, metadata={"help": "Use only the first this many (valid) training pairs (all when unset)."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first this many evaluation pairs (all when unset)."}
+        default=None, metadata={"help": "Use only the first this many (valid) evaluation pairs (all when unset)."}
     )
     dataset_cache_dir: str | None = field(
         default=None,
@@ -361,7 +361,9 @@ def _load_sources(
     elif args.dataset_name is not None:
         train, evaluation = _load_datasets_source(args, splits)
     elif args.train_dir is not None:
-        loaded, report = load_imagefolder_pairs(args.train_dir, caption_column=args.caption_column, **options)
+        limits = {"train": args.max_train_samples, **dict.fromkeys(EVAL_SPLIT_NAMES, args.max_eval_samples)}
+        loaded, report = load_imagefolder_pairs(args.train_dir, caption_column=args.caption_column,
+                                                max_samples_per_split=limits, **options)
         reports["train"] = report.splits.get("train", report)
         if "train" not in loaded:
             raise ValueError(f"--train_dir {args.train_dir!r} has splits {list(loaded)} but no 'train' split.")
@@ -374,7 +376,8 @@ def _load_sources(
                                                         resample=args.streaming_resample, **options)
         evaluation = None
     if args.eval_dir is not None:
-        loaded, reports["eval"] = load_imagefolder_pairs(args.eval_dir, caption_column=args.caption_column, **options)
+        loaded, reports["eval"] = load_imagefolder_pairs(args.eval_dir, caption_column=args.caption_column,
+                                                         max_samples_per_split=args.max_eval_samples, **options)
         evaluation = _single_split(loaded, f"--eval_dir {args.eval_dir!r}")
     elif args.eval_shards is not None:
         evaluation, reports["eval"] = load_webdataset_pairs(args.eval_shards, **options)

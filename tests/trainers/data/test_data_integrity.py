@@ -29,6 +29,7 @@ from trainers.data.pairs import (
     load_webdataset_pairs,
 )
 from trainers.data.shards import expand_braces, resolve_shards, shard_count
+from trainers.data.sources import DataArguments, load_pairs
 
 
 def png(value: int, size: int = 8) -> bytes:
@@ -280,6 +281,39 @@ def test_pixel_limit_skips_huge_images_without_decoding(tmp_path):
     assert report.files == [str(folder / "huge.png")]
     dataset, report = load_imagefolder_pairs(folder, split="train", return_report=True, max_image_pixels=None)
     assert len(dataset) == 2 and not report.skipped
+
+
+def test_a_sample_limit_decodes_and_counts_only_the_rows_it_keeps(tmp_path):
+    """`max_samples_per_split` (`--max_train_samples` / `--max_eval_samples` with `--train_dir`) keeps the first valid
+    pairs, as validating the whole folder and then cutting would, but reads no image past them: a broken image
+    further on is neither decoded nor counted."""
+    folder = tmp_path / "folder"
+    (folder / "train").mkdir(parents=True)
+    (folder / "test").mkdir()
+    rows = []
+    for i in range(8):
+        name = f"{i}.png"
+        (folder / "train" / name).write_bytes(b"not a png" if i in (1, 6) else png(i))
+        rows.append({"file_name": name, "text": f"picture {i}"})
+    (folder / "train" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for i in range(3):
+        (folder / "test" / f"{i}.png").write_bytes(png(i))
+    (folder / "test" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"test {i}"}) + "\n" for i in range(3)))
+    whole, whole_report = load_imagefolder_pairs(folder, return_report=True)
+    assert whole["train"]["text"][:4] == ["picture 0", "picture 2", "picture 3", "picture 4"]
+    assert whole_report.splits["train"].skipped == 2
+    limited, report = load_imagefolder_pairs(folder, return_report=True, max_samples_per_split={"train": 4})
+    assert limited["train"]["text"] == whole["train"]["text"][:4] and limited["train"]["index"] == [0, 1, 2, 3]
+    assert report.splits["train"].skipped == 1 and report.files == [str(folder / "train" / "1.png")]
+    assert len(limited["test"]) == 3  # a split the mapping does not name is not limited
+    # More than the valid pairs: every row is read, every broken one counted.
+    _, report = load_imagefolder_pairs(folder, return_report=True, max_samples_per_split=10)
+    assert report.splits["train"].skipped == 2
+    # Through the scripts' loader: the run's skip report counts what it read.
+    data = load_pairs(DataArguments(train_dir=str(folder), max_train_samples=2, max_eval_samples=1))
+    assert data.train["text"] == ["picture 0", "picture 2"] and len(data.eval) == 1
+    assert data.skip_reports["train"].skipped == 1 and data.skip_reports["eval"].skipped == 0
 
 
 def test_streaming_all_bad_batch_is_empty_not_fatal(tmp_path):
