@@ -12,7 +12,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-TESTED_TRANSFORMERS = SpecifierSet(">=5.24,<5.25")
+TESTED_TRANSFORMERS = SpecifierSet(">=5.25,<5.26")
 
 
 def warn_if_untested_transformers(installed: str = transformers.__version__) -> bool:

@@ -50,6 +50,7 @@ from trainers.data.pairs import column_values, decode_image, non_empty_captions,
 from trainers.evaluation.embeddings import compute_text_embeddings
 from trainers.evaluation.metrics import noise_detection_metrics
 from trainers.noise.plot import plot_loss_distribution
+from trainers.noise.reference_prior import neighbour_agreement
 
 logger = logging.getLogger("nlip.audit")
 
@@ -121,6 +122,13 @@ class AuditArguments:
         metadata={"help": "Store each pair's image in audit.parquet as a datasets Image feature (False: a smaller "
                           "table without images)."},
     )
+    neighbours: int = field(
+        default=0,
+        metadata={"help": "Also score each pair by the caption agreement of its k nearest images (the mean cosine of "
+                          "its caption with theirs; low: suspicious; it needs no image-text alignment; an exact "
+                          "O(N²) search): the neighbour_agreement column, and its ROC-AUC in the summary when the "
+                          "ground truth is known. 0: off."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Pairs per forward pass."})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available, else cpu)."})
     seed: int = field(default=0, metadata={"help": "Seed of the negative set and of the noise GMM."})
@@ -135,7 +143,7 @@ class AuditArguments:
                      "max_new_tokens", "max_concepts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-        for name in ("num_concepts", "max_suggestions"):
+        for name in ("num_concepts", "max_suggestions", "neighbours"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.device is None:
@@ -236,9 +244,11 @@ def build_table(
     suggestions: dict[int, str],
     suggestion_scores: dict[int, float] | None = None,
     roots: list[str] | None = None,
+    agreement: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per scored pair, most suspicious first; `row` is the pair's row in `dataset`. Pairs without a
-    suggested caption hold None (not NaN) there."""
+    suggested caption hold None (not NaN) there. `agreement`: each scored pair's neighbour agreement (rows as in
+    `scores`), the `neighbour_agreement` column."""
     order = suspicion_order(scores)
     rows = dataset_rows(dataset, scores.index[order])
     texts = column_values(dataset, "text")
@@ -251,6 +261,8 @@ def build_table(
         "loss": scores.loss[order].astype(np.float64),
         "similarity": scores.similarity[order].astype(np.float64),
     })
+    if agreement is not None:
+        table["neighbour_agreement"] = np.asarray(agreement, dtype=np.float64)[order]
     if concepts is not None:
         table["concepts"] = [concepts[position] for position in order]
     table["suggested_caption"] = pd.Series([suggestions.get(row) for row in rows], dtype=object)
@@ -311,6 +323,8 @@ def audit_summary(table: pd.DataFrame, scores: PairScores, num_pairs: int, args:
             "recall": detection["recall"],
             "f1": detection["f1"],
         })
+        if "neighbour_agreement" in table:  # low agreement: suspicious
+            summary["neighbour_roc_auc"] = float(roc_auc_score(truth, -np.array(table["neighbour_agreement"])))
         top = min(args.report_rows, len(table))
         if top < len(table):  # with every pair shown, "noisy among the top N" is the true noisy fraction again
             summary[f"noisy_fraction_in_top_{top}"] = float(truth[:top].mean())
@@ -373,6 +387,8 @@ def _cards(summary: dict[str, Any]) -> list[tuple[str, str]]:
         if top is not None:
             cards.append((f"truly noisy among the top {top.rsplit('_', 1)[-1]}", f"{summary[top]:.1%}"))
         cards.append(("true noisy fraction", f"{summary['true_noisy_fraction']:.1%}"))
+        if "neighbour_roc_auc" in summary:
+            cards.append(("neighbour-agreement ROC-AUC", f"{summary['neighbour_roc_auc']:.3f}"))
     if summary["suggested_captions"]:
         cards.append(("suggested captions", f"{summary['suggested_captions']:,}"))
         cards.append(("suggestions closer to the image than the caption",
@@ -489,6 +505,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     scores = score_pairs(checkpoint.encoder, checkpoint.processor, dataset, num_negatives=args.num_negatives,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.disable_tqdm)
+    agreement = None
+    if args.neighbours:
+        if args.neighbours >= len(scores.index):
+            raise ValueError(f"--neighbours {args.neighbours} needs more scored pairs than that; the {args.split} "
+                             f"split has {len(scores.index)}.")
+        agreement = neighbour_agreement(scores.image_embeds, scores.text_embeds, args.neighbours).numpy()
     concepts = retrieved_concepts(checkpoint, dataset, scores, args)
     order = suspicion_order(scores)
     flagged = order[scores.noise_prob[order] >= args.suggest_threshold][: args.max_suggestions]
@@ -496,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     captioning, captioner_name = load_captioner(args, checkpoint)
     suggestions = suggested_captions(args, captioning, dataset, candidates)
     suggestion_scores = suggestion_similarities(checkpoint, scores, dataset, suggestions, args)
-    table = build_table(dataset, scores, concepts, suggestions, suggestion_scores, data_roots(data_args))
+    table = build_table(dataset, scores, concepts, suggestions, suggestion_scores, data_roots(data_args), agreement)
     architectures = {"scorer": checkpoint.architecture,
                      "captioner": captioning.architecture if captioning is not None else None}
     summary = audit_summary(table, scores, len(dataset), args, captioner_name, architectures)

@@ -104,7 +104,7 @@ def test_tested_transformers_window_is_the_declared_range():
     assert str(declared.specifier) == str(modeling_nlip.TESTED_TRANSFORMERS)
 
 
-@pytest.mark.parametrize("installed, inside", [("5.24.0", True), ("5.24.3", True), ("5.23.0", False), ("5.25.0", False)])
+@pytest.mark.parametrize("installed, inside", [("5.25.0", True), ("5.25.3", True), ("5.24.0", False), ("5.26.0", False)])
 def test_import_time_warning_outside_the_tested_window(installed, inside):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,4 +114,4 @@ def test_import_time_warning_outside_the_tested_window(installed, inside):
         assert messages == []
     else:
         assert len(messages) == 1 and f"transformers {installed} is installed" in messages[0]
-        assert "transformers<5.25,>=5.24" in messages[0] or "transformers>=5.24,<5.25" in messages[0]
+        assert "transformers<5.26,>=5.25" in messages[0] or "transformers>=5.25,<5.26" in messages[0]

@@ -9,9 +9,11 @@ from html.parser import HTMLParser
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from modeling_nlip import NLIPForCaptioning, NLIPModel
 from nlip_cli import audit
@@ -181,6 +183,23 @@ def test_skipped_pairs_are_listed_when_present(models, image_folder, tmp_path, m
     assert "missing image" not in text  # zero counts are not listed
     assert "<code>broken/a.png</code>" in html and "broken/&lt;b&gt;.png" in html
     assert json.load(open(skipped["paths"]["summary"]))["skipped_pairs"]["files"] == ["broken/a.png", "broken/<b>.png"]
+
+
+def test_neighbour_agreement_column_and_its_roc_auc(models, image_folder, tmp_path):
+    """`--neighbours k`: each pair's mean caption cosine with its k nearest images (the scorer's embeddings), a column
+    of the tables, and its ROC-AUC against the injected noise (low agreement: suspicious) in the summary and report."""
+    result = _run(models, image_folder, tmp_path, "--neighbours", "3", "--noise_ratio", "0.5")
+    summary = result["summary"]
+    table = pd.read_csv(result["paths"]["csv"])
+    assert table["neighbour_agreement"].between(-1, 1).all() and table["neighbour_agreement"].nunique() > 1
+    truth = table["is_noisy"].astype(bool)
+    assert summary["neighbour_roc_auc"] == pytest.approx(roc_auc_score(truth, -table["neighbour_agreement"]))
+    assert "neighbour-agreement ROC-AUC" in open(result["paths"]["html"], encoding="utf-8").read()
+    assert "neighbour_agreement" not in pd.read_csv(_run(models, image_folder, tmp_path / "off")["paths"]["csv"])
+    with pytest.raises(ValueError, match=r"--neighbours 10 needs more scored pairs than that; the train split has 10"):
+        _run(models, image_folder, tmp_path / "big", "--neighbours", "10")
+    with pytest.raises(ValueError, match=r"--neighbours must be >= 0, got -1"):
+        _run(models, image_folder, tmp_path / "negative", "--neighbours", "-1")
 
 
 def test_csv_safe():
