@@ -4,10 +4,12 @@
 
 Every pair is scored (see `trainers/noise/pair_scoring.py`): the cosine similarity of its image and caption, its contrastive
 loss against one fixed random set of negatives, and the noise probability a 2-component GMM over those losses gives
-it. The image's top concepts are retrieved from the model's concept bank (or a mined/given vocabulary), and pairs
-flagged as likely noisy get a suggested caption when a captioner is available (the checkpoint itself when it has a
-decoder, or --captioner_name_or_path). Each suggested caption is scored like the original one (its similarity to the
-image under the scoring model), so the report shows whether it fits the image better.
+it; with `--neighbours k` also the caption agreement of its k nearest images (`neighbour_agreement`, alignment-free,
+see `trainers/noise/reference_prior.py`). The image's top concepts are retrieved from the model's concept bank (or a
+mined/given vocabulary), and pairs flagged as likely noisy get a suggested caption when a captioner is available (the
+checkpoint itself when it has a decoder, or --captioner_name_or_path). Each suggested caption is scored like the
+original one (its similarity to the image under the scoring model), so the report shows whether it fits the image
+better.
 
 Writes into --output_dir:
 
