@@ -521,6 +521,7 @@ def components(method: str) -> list[str]:
 
 
 def is_combination(method: str) -> bool:
+    """Whether `method` combines several single methods (`nlip+srcl`, with or without a prior)."""
     return len(components(method)) > 1
 
 
@@ -559,7 +560,8 @@ def method_candidates(method: str, learning_rate: float, grid: tuple[float, ...]
     weighs_prior = prior is not None and any(objective_class(name).uses_noise_estimate for name in names)
     alternatives = [*(PRIOR_CANDIDATES if weighs_prior else ()),
                     *(NEIGHBOURS_CANDIDATES if scores_by_neighbours(method) else ()), *interleaved]
-    settings = [{**start, **c} for c in alternatives if {**start, **c} != start][:TUNING_CANDIDATES]
+    overlays = ({**start, **alternative} for alternative in alternatives)
+    settings = [overlay for overlay in overlays if overlay != start][:TUNING_CANDIDATES]
     candidates = [(learning_rate, candidate) for candidate in settings]
     for factor in (0.5, 2.0)[: TUNING_CANDIDATES - len(candidates)]:
         tried = any(math.isclose(learning_rate * factor, rate, rel_tol=1e-6) for rate in grid)
