@@ -31,11 +31,15 @@ CONFIGS = {
     "nlip+srcl": (4, 2, dict(method="nlip+srcl", noise_warmup_epochs=0, noise_estimation_mode="pass")),
     # NPC: distributed pass, memory bank, sibling step with averaged gradients, gathered memory entries.
     "npc": (8, 1, dict(method="npc", noise_warmup_epochs=0, noise_estimation_mode="pass", npc_clean_threshold=0.5)),
+    # LiT: a locked vision tower served from the on-disk feature cache (a folder per process); 4 steps of 8 pairs are
+    # two epochs, so the second is read from the cache.
+    "nlip-locked-cached": (8, 1, dict(method="nlip", noise_warmup_epochs=0, noise_estimation_mode="pass",
+                                      freeze_vision_tower=True, frozen_feature_cache="disk", max_steps=4)),
 }
 
 
 def run_config(name: str, output_dir: str, world_size: int) -> dict:
-    """Train `name` for 2 optimizer steps with SGD and return what the test compares."""
+    """Train `name` with SGD (2 optimizer steps unless it says otherwise) and return what the test compares."""
     global_batch, accumulation, options = CONFIGS[name]
     from transformers import TrainerCallback
 
@@ -49,21 +53,22 @@ def run_config(name: str, output_dir: str, world_size: int) -> dict:
 
     class GradientRecorder(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            record["gradients"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            record["gradients"].append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            )
 
     record: dict = {"losses": [], "gradients": []}
     args = training_args(
         output_dir,
         per_device_train_batch_size=global_batch // world_size,
         gradient_accumulation_steps=accumulation,
-        max_steps=2,
         optim="sgd",
         learning_rate=0.1,
         max_grad_norm=0.0,
         lr_scheduler_type="constant",
         train_sampling_strategy="sequential",
         ddp_backend="gloo" if world_size > 1 else None,
-        **options,
+        **{"max_steps": 2, **options},
     )
     trainer = Recorder(
         model=tiny_model(), args=args, train_dataset=synthetic_pairs(NUM_PAIRS), processing_class=processor(),
@@ -76,6 +81,10 @@ def run_config(name: str, output_dir: str, world_size: int) -> dict:
     bank = None if npc is None else npc.memory_bank
     record["memory_neighbors"] = torch.stack([bank.image_neighbors, bank.text_neighbors]) if bank else torch.empty(0)
     record["weights"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    record["cache"] = {
+        tower: {"cached": len(cache), "hits": cache.hits, "misses": cache.misses, "path": cache.path}
+        for tower, cache in trainer.feature_caches.items()
+    }
     return record
 
 

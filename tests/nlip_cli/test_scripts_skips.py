@@ -2,6 +2,7 @@
 JSON and model card; bad arguments fail early and named; `--resume_from_checkpoint True` resumes the newest
 checkpoint; `--streaming` trains from loopback-HTTP shards with a brace range."""
 
+import contextlib
 import io
 import json
 import os
@@ -87,7 +88,9 @@ def _png(value):
     return buffer.getvalue()
 
 
-def test_streaming_training_from_loopback_http(tmp_path, dual_checkpoint):
+@pytest.mark.parametrize("through", ["http", "pipe"])
+def test_streaming_training_from_loopback_http_or_a_pipe_command(through, tmp_path, dual_checkpoint):
+    """`--train_shards` as URLs of a loopback HTTP server, or as webdataset `pipe:` commands that write the files."""
     folder = tmp_path / "shards"
     folder.mkdir()
     for shard in range(2):
@@ -97,11 +100,12 @@ def test_streaming_training_from_loopback_http(tmp_path, dual_checkpoint):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    with serve_directory(folder) as server:
-        report = train.main(["--model_name_or_path", dual_checkpoint, "--train_shards",
-                             server.url + "/{00000..00001}.tar", "--streaming", "--max_steps", "3",
-                             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"),
-                             "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"])
+    with serve_directory(folder) if through == "http" else contextlib.nullcontext() as server:
+        shards = server.url + "/{00000..00001}.tar" if through == "http" else f"pipe:cat {folder}/{{00000..00001}}.tar"
+        report = train.main(["--model_name_or_path", dual_checkpoint, "--train_shards", shards, "--streaming",
+                             "--max_steps", "3", "--per_device_train_batch_size", "4", "--output_dir",
+                             str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"])
     assert report["num_train_pairs"] is None and report["pairs_seen"] == 12
     metadata = json.load(open(tmp_path / "out" / "nlip_noise_state.json"))
     assert metadata["data_fingerprint"]["kind"] == "stream" and metadata["data_fingerprint"]["num_shards"] == 2
+    assert metadata["data_fingerprint"]["first_shard"] == "00000.tar"

@@ -1,5 +1,5 @@
 """Data parallelism: 2 processes (torchrun, gloo, CPU) give the single-process loss and gradients of the same global
-batch, and hold identical loss banks."""
+batch, and hold identical loss banks; a locked tower's feature cache works per process."""
 
 import os
 import subprocess
@@ -34,8 +34,9 @@ def test_two_processes_match_one(name, distributed_records, tmp_path):
     with single_thread():
         reference = ddp_worker.run_config(name, str(tmp_path), world_size=1)
     records = distributed_records[name]
-    _, accumulation, _ = ddp_worker.CONFIGS[name]
-    assert len(reference["losses"]) == 2 * accumulation and len(reference["gradients"]) == 2
+    _, accumulation, options = ddp_worker.CONFIGS[name]
+    steps = options.get("max_steps", 2)
+    assert len(reference["losses"]) == steps * accumulation and len(reference["gradients"]) == steps
     for rank, record in enumerate(records):
         # Every process computes the same global loss (features gathered with gradient) ...
         torch.testing.assert_close(torch.stack(record["losses"]), torch.stack(reference["losses"]), rtol=1e-5, atol=1e-6)
@@ -57,6 +58,15 @@ def test_two_processes_match_one(name, distributed_records, tmp_path):
     assert torch.equal(records[0]["noise_prob"], records[1]["noise_prob"])
     assert records[0]["loss_bank"]["steps"].min() >= 0  # every pair was recorded
     assert records[0]["noise_prob"].max() > 0  # the noise state entered the loss
+    if options.get("freeze_vision_tower"):
+        # Each process fills its own on-disk cache (its own folder) with the images it sees, and serves them back:
+        # the matching losses and gradients above show the cached features are the tower's.
+        paths = [record["cache"]["vision"]["path"] for record in records]
+        assert [os.path.basename(os.path.dirname(path)) for path in paths] == ["process_0", "process_1"]
+        for record in records:  # sequential sampling: each process always sees its own half of the pairs
+            assert record["cache"]["vision"]["cached"] == ddp_worker.NUM_PAIRS // WORLD_SIZE
+            assert record["cache"]["vision"]["hits"] > record["cache"]["vision"]["misses"]
+        assert reference["cache"]["vision"]["hits"] > 0
     if name == "npc":  # the same memory bank, built from a distributed pass, everywhere
         assert records[0]["memory_neighbors"].numel() == 2 * ddp_worker.NUM_PAIRS
         for record in records:

@@ -33,7 +33,7 @@ import datasets
 import numpy as np
 import PIL.Image
 
-from .shards import ShardError, is_remote, iter_shard_samples, resolve_shards, shard_name, shard_offset, sidecar_count
+from .shards import ShardError, is_pipe, is_remote, iter_shard_samples, resolve_shards, shard_name, shard_offset, sidecar_count
 
 logger = logging.getLogger(__name__)
 
@@ -685,7 +685,9 @@ def _signature(shards: list[str]) -> str:
     """Sizes and modification times (ETags for URLs) of the shards, for `datasets`' cache fingerprint."""
     parts = []
     for shard in shards:
-        if is_remote(shard):
+        if is_pipe(shard):
+            parts.append(shard)  # a command's output has no size or date before it runs
+        elif is_remote(shard):
             import fsspec
 
             try:
@@ -744,13 +746,19 @@ def _webdataset_split(
     if strict:  # fail before building anything: a header scan (no data read) finds truncated and corrupt shards
         for shard in shards:
             try:
-                for _ in iter_shard_samples(shard, read_data=False, seekable=True, strict=True, warn=False):
+                # (a `pipe:` command cannot seek: it runs once for the scan, once for the read)
+                for _ in iter_shard_samples(shard, read_data=False, seekable=not is_pipe(shard), strict=True, warn=False):
                     pass
             except ShardError as error:
                 raise InvalidPairError(str(error)) from None
-    dataset = datasets.Dataset.from_generator(
-        _generate_webdataset_pairs, features=_WEBDATASET_FEATURES, gen_kwargs=gen_kwargs, num_proc=num_proc
-    )
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _generate_webdataset_pairs, features=_WEBDATASET_FEATURES, gen_kwargs=gen_kwargs, num_proc=num_proc
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, (FileNotFoundError, InvalidPairError)):  # a missing or damaged shard, by name
+            raise error.__cause__ from None
+        raise
     lost = np.asarray(column_values(dataset, LOST_COLUMN), dtype=np.int64)
     split_report = SkipReport()
     for row in np.flatnonzero(lost):
@@ -785,7 +793,7 @@ def load_webdataset_pairs(
 
     `data_files`: a directory (its `*.tar*`), a glob, a brace range (`shards/{00000..00099}.tar`), a tar file, a URL
     any installed fsspec filesystem reads (`https://...`, `hf://datasets/...`, `s3://...`; globs where the filesystem
-    lists), a list of those, or a `{split: files}` mapping (returns a `DatasetDict`/`IterableDatasetDict`). The image
+    lists), a webdataset `pipe:COMMAND` (the command's standard output; see `trainers.data.shards`), a list of those, or a `{split: files}` mapping (returns a `DatasetDict`/`IterableDatasetDict`). The image
     is the first of `image_keys` a sample has; the caption the first of `caption_keys`. Columns: `image`, `text`, `key`
     (`shard.tar/KEY`) and `index`.
 
@@ -795,7 +803,7 @@ def load_webdataset_pairs(
     Map-style: one sequential read per shard, broken pairs skipped and counted (`strict=True`: raise), `index` 0..N-1.
     Streaming (`streaming=True`, an `IterableDataset` sharded by tar file for DataLoader workers and
     `datasets.distributed.split_dataset_by_node`; nothing is read before iteration starts): `index` is the shard's
-    offset (samples in the shards before it, from img2dataset `_stats.json` sidecars or a header scan of those shards
+    offset (samples in the shards before it, from img2dataset `_stats.json` sidecars or a count of those shards
     only) plus the sample's position, stable across runs, resumes, processes and workers for the same shard list;
     images stay undecoded and `ImageTextCollator` skips and counts broken pairs and truncation losses (the report
     returned here stays empty). It also has a `lost_samples` column: marker rows (index -1) of truncation losses.

@@ -1,8 +1,15 @@
 """Webdataset tar shards from anywhere `fsspec` reads (local paths, globs, brace ranges, `https://`, `hf://`, `s3://`
-...), read with integrity checks and counted without reading them in full.
+...) or a shell command writes (webdataset's `pipe:` URLs), read with integrity checks and counted without reading
+them in full.
 
 - `resolve_shards` expands brace ranges (`shards/{0000..0099}.tar`, `{a,b}`), directories and globs (local, or remote
-  on filesystems that list, such as `hf://`/`s3://`); plain URLs are kept as they are (`https://`).
+  on filesystems that list, such as `hf://`/`s3://`); plain URLs are kept as they are (`https://`), and so are `pipe:`
+  commands (`pipe:curl -sfL https://host/{00000..00099}.tar`: braces expand, one command per shard).
+- A `pipe:COMMAND` shard is the standard output of `COMMAND` run by the shell, read as it is written. A command that
+  fails before writing anything is a missing shard (FileNotFoundError naming the command, its exit status and the end
+  of its stderr); one that fails later is a truncated shard (the samples before are kept, the loss is counted). Its
+  name (the `shard.tar` of keys) is the last argument that ends like a tar file; it has no sidecar, so it is counted by
+  one sequential read.
 - `iter_shard_samples` yields the samples (`KEY.ext` files sharing a key) of one shard in a single sequential read
   (tar stream mode: works over HTTP without range requests). A shard cut inside a file's data, cut inside a tar header,
   ending without the end-of-archive marker, or with a corrupt header ends at the last complete sample with a warning
@@ -20,12 +27,17 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import itertools
 import json
 import logging
 import os
 import re
+import shlex
+import signal
+import subprocess
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,15 +50,22 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _SCAN_BLOCK_SIZE = 1 << 13  # block size of seekable remote reads
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+PIPE_PREFIX = "pipe:"
 
 
 class ShardError(ValueError):
     """A webdataset shard is truncated or corrupt and `strict=True` was asked for (re-raised as `InvalidPairError`)."""
 
 
+def is_pipe(path: str) -> bool:
+    """Whether `path` is a webdataset `pipe:COMMAND` shard (the command's standard output)."""
+    return str(path).startswith(PIPE_PREFIX)
+
+
 def is_remote(path: str) -> bool:
-    """Whether `path` is a URL for fsspec (`https://...`, `hf://...`, `s3://...`) rather than a local path."""
-    return "://" in str(path) and not str(path).startswith("file://")
+    """Whether `path` is read as a stream rather than a local file: a URL for fsspec (`https://...`, `hf://...`,
+    `s3://...`) or a `pipe:` command."""
+    return is_pipe(path) or ("://" in str(path) and not str(path).startswith("file://"))
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -80,7 +99,9 @@ def resolve_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) 
     patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     shards: list[str] = []
     for pattern in itertools.chain.from_iterable(expand_braces(str(p)) for p in patterns):
-        if is_remote(pattern):
+        if is_pipe(pattern):
+            found = [pattern]
+        elif is_remote(pattern):
             if _has_glob(pattern):
                 import fsspec
 
@@ -111,10 +132,64 @@ def resolve_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) 
 
 
 def shard_name(shard: str) -> str:
+    """The shard's file name (`00012.tar`); for a `pipe:` command, that of its last argument ending like a tar file
+    (else of its last argument)."""
+    if is_pipe(shard):
+        arguments = list(shlex.shlex(shard[len(PIPE_PREFIX):], posix=True, punctuation_chars=True)) or [shard]
+        shard = next((arg for arg in reversed(arguments) if arg.endswith(_TAR_SUFFIXES)), arguments[-1])
     return shard.rstrip("/").rsplit("/", 1)[-1]
 
 
+class CommandOutput(io.RawIOBase):
+    """The standard output of a `pipe:` shard's shell command, read as the command writes it.
+
+    At the end of the output the command's exit status is checked. A failure before any byte is a FileNotFoundError
+    naming the command, its status and the end of its stderr. A later failure ends the output where it stopped, so the
+    tar reader finds the cut and counts the samples lost, as for a truncated file; the status is logged beside it.
+    Closing before the end stops the command.
+    """
+
+    def __init__(self, shard: str):
+        self.command = shard[len(PIPE_PREFIX):]
+        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a talkative command cannot block on it
+        # Unbuffered: a read returns what the command wrote so far. Its own session: closing stops all it started.
+        self._process = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr,
+                                         bufsize=0, start_new_session=True)
+        self._bytes_read = 0
+        self._finished = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        size = self._process.stdout.readinto(buffer)
+        self._bytes_read += size
+        if size == 0 and not self._finished:
+            self._finished = True
+            status = self._process.wait()
+            if status != 0:
+                self._stderr.seek(0)
+                stderr = self._stderr.read().decode("utf-8", "replace").strip()[-500:]
+                message = (f"pipe: shard command {self.command!r} exited with status {status} after "
+                           f"{self._bytes_read} bytes" + (f": {stderr}" if stderr else ""))
+                if self._bytes_read == 0:
+                    raise FileNotFoundError(message)
+                logger.warning(message)
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._process.stdout.close()
+            if self._process.poll() is None:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+            self._stderr.close()
+        super().close()
+
+
 def _open(shard: str, *, seekable: bool):
+    if is_pipe(shard):
+        return CommandOutput(shard)
     if not is_remote(shard):
         return open(shard.removeprefix("file://"), "rb")
     import fsspec
@@ -137,7 +212,10 @@ def sidecar_path(shard: str) -> str:
 
 
 def sidecar_count(shard: str) -> int | None:
-    """The shard's sample count from its img2dataset `_stats.json` (`successes`), or None when there is none."""
+    """The shard's sample count from its img2dataset `_stats.json` (`successes`), or None when there is none (a `pipe:`
+    command has none)."""
+    if is_pipe(shard):
+        return None
     path = sidecar_path(shard)
     try:
         if not is_remote(path) and not os.path.isfile(path):
@@ -260,7 +338,8 @@ def shard_count(shard: str, strict: bool = False) -> int:
         return count
     if is_remote(shard):
         logger.warning("No %s sidecar for %s: counting its samples (for the stable indices of the shards after it) by "
-                       "reading it once. img2dataset's sidecars make this unnecessary.", SIDECAR_SUFFIX, shard)
+                       "reading it once.%s", SIDECAR_SUFFIX, shard,
+                       "" if is_pipe(shard) else " img2dataset's sidecars make this unnecessary.")
         return sum(1 for _ in iter_shard_samples(shard, read_data=False, strict=strict, warn=False))
     return sum(1 for _ in iter_shard_samples(shard, read_data=False, seekable=True, strict=strict, warn=False))
 

@@ -101,7 +101,8 @@ class DataArguments:
         metadata={
             "help": "Webdataset tar shards (img2dataset output: KEY.jpg + KEY.txt or KEY.json with a 'caption'): a "
             "directory, a glob ('shards/*.tar'), a brace range ('shards/{00000..00099}.tar', expanded by nlip: quote "
-            "it), a file, or a URL fsspec reads ('https://host/shards/{00000..00099}.tar', 'hf://datasets/...'). "
+            "it), a file, a URL fsspec reads ('https://host/shards/{00000..00099}.tar', 'hf://datasets/...'), or "
+            "webdataset 'pipe:COMMAND' shards, the command's output ('pipe:curl -sfL https://host/{00000..00099}.tar'). "
             "Truncated shards warn with the samples lost; img2dataset NAME_stats.json sidecars give exact counts."
         },
     )

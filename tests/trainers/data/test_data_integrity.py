@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 
 import datasets
 import numpy as np
@@ -28,7 +29,7 @@ from trainers.data.pairs import (
     load_imagefolder_pairs,
     load_webdataset_pairs,
 )
-from trainers.data.shards import expand_braces, resolve_shards, shard_count
+from trainers.data.shards import expand_braces, iter_shard_samples, resolve_shards, shard_count, shard_name
 from trainers.data.sources import DataArguments, load_pairs
 
 
@@ -215,6 +216,67 @@ def test_stream_from_a_listing_filesystem_glob(tmp_path):
 def test_remote_glob_without_listing_is_a_named_error():
     with pytest.raises(ValueError, match=r"http:// URLs have no glob; give the shards as a brace range"):
         resolve_shards("http://127.0.0.1:9/shards/*.tar")
+
+
+# ------------------------------------------------------------------------------------------- pipe: commands
+
+
+def test_pipe_commands_give_the_pairs_of_the_files(tmp_path):
+    """`pipe:COMMAND` shards (webdataset's form, e.g. `pipe:curl -sfL URL`): a brace range expands into one command
+    per shard; the pairs, keys and stable indices are those of the files, streamed or mapped."""
+    for i in range(2):
+        write_shard(tmp_path / f"{i:05d}.tar", 100 * i, 5)
+    pattern = f"pipe:cat {tmp_path}/{{00000..00001}}.tar"
+    assert resolve_shards(pattern) == [f"pipe:cat {tmp_path}/00000.tar", f"pipe:cat {tmp_path}/00001.tar"]
+    local = [(ex["key"], ex["index"], ex["text"]) for ex in load_webdataset_pairs(str(tmp_path / "*.tar"), streaming=True)]
+    assert [(ex["key"], ex["index"], ex["text"]) for ex in load_webdataset_pairs(pattern, streaming=True)] == local
+    mapped, report = load_webdataset_pairs(pattern, return_report=True, strict=True)
+    assert mapped["key"] == [key for key, _, _ in local] and report.skipped == 0
+
+
+@pytest.mark.parametrize("command, name", [
+    ("pipe:curl -sfL https://host/shards/00007.tar", "00007.tar"),
+    ("pipe:aws s3 cp s3://bucket/shards/00007.tar.gz -", "00007.tar.gz"),
+    ("pipe:cat /data/00007.tar; sleep 1", "00007.tar"),
+    ("pipe:my-fetcher --id 7", "7"),
+])
+def test_a_pipe_shard_is_named_by_its_tar_argument(command, name):
+    assert shard_name(command) == name
+
+
+def test_a_failing_pipe_command_is_a_missing_shard_or_a_truncated_one(tmp_path, caplog):
+    """A command that fails before writing is a missing shard (named, with its status and stderr); one that fails
+    part-way ends the shard there: the complete samples before the cut are kept and the loss is counted."""
+    with pytest.raises(FileNotFoundError, match=r"pipe: shard command 'cat .*missing\.tar' exited with status 1 after 0 "
+                                                r"bytes: cat: .*missing\.tar: No such file"):
+        load_webdataset_pairs(f"pipe:cat {tmp_path}/missing.tar")
+    shard = write_shard(tmp_path / "00000.tar", 0, 6, padding=3000)
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember("00003.bin").offset_data + 1000  # inside the 4th sample's data
+    command = f"pipe:head -c {cut} {shard}; exit 3"
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
+        dataset, report = load_webdataset_pairs(command, return_report=True)
+    assert dataset["key"] == ["00000.tar/00000", "00000.tar/00001", "00000.tar/00002"]
+    assert report.reasons == {TRUNCATED_SHARD: 1}
+    assert f"exited with status 3 after {cut} bytes" in caplog.text
+    with pytest.raises(InvalidPairError, match=r"Webdataset shard pipe:head .* is truncated or corrupt"):
+        load_webdataset_pairs(command, strict=True)
+
+
+def test_a_pipe_command_read_in_part_is_stopped(tmp_path):
+    """A sample comes as soon as the command has written it, and closing the shard stops the command, which would
+    otherwise go on for a minute."""
+    shard = write_shard(tmp_path / "00000.tar", 0, 3)
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    samples = iter_shard_samples(f"pipe:echo $$ > {pid_file}; cat {shard}; exec sleep 60")
+    assert next(samples)[0] == "00000"
+    samples.close()
+    assert time.monotonic() - started < 20
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+    stream = load_webdataset_pairs(f"pipe:cat {shard}; sleep 60", streaming=True)
+    assert next(iter(stream))["key"] == "00000.tar/00000" and time.monotonic() - started < 40
 
 
 # ------------------------------------------------------------------------------------------------- imagefolder
