@@ -41,7 +41,9 @@ Settings:
   budget (pairs x epochs) is where `clip`'s clean accuracy stops improving (`--budget_sweep`; the README states it).
 
 Writes `--output_dir/robustness_<setting>.json`, a plot (`.png`) and a Markdown table (`.md`, pasted into the README);
-while it runs, `robustness_<setting>.partial.json` holds every finished tuning and cell (removed at the end).
+while it runs, `robustness_<setting>.partial.json` holds every finished tuning and cell (removed at the end);
+`--resume`, with the same command otherwise, continues a killed run from it: finished tunings and cells are kept, the
+rest is trained, and the finished runs' wall time is added to the total.
 `--rerun METHOD ...` trains only those methods again (after a change that touches only them) and puts their tuning and
 cells into the existing table, keeping every other method's runs; the table records each rerun and its command.
 
@@ -926,27 +928,59 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def save_partial(path: Path | None, tunings: dict[str, Any], cells: list[dict[str, Any]]) -> None:
-    """The runs finished so far (tuning records and cells), rewritten after each: a killed run keeps them."""
+# The arguments that define a table's runs: `--resume` continues a partial run only with the same ones.
+RUN_DEFINING_ARGUMENTS = ("setting", "methods", "seeds", "noise_types", "noise_ratios", "hard_noise_ratios",
+                          "learning_rates", "epochs", "max_train_samples", "reference_datasets", "quick", "rerun",
+                          "combination_start")
+
+
+def run_definition(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in RUN_DEFINING_ARGUMENTS}
+
+
+def save_partial(path: Path | None, tunings: dict[str, Any], cells: list[dict[str, Any]], wall_time_s: float,
+                 definition: dict[str, Any] | None) -> None:
+    """The runs finished so far (tuning records with their best run, cells), the wall time and the run's defining
+    arguments, rewritten after each: a killed run keeps them for `--resume`."""
     if path is None:
         return
-    done = {"partial": True, "tuning": [{k: v for k, v in t.items() if k != "best_run"} for t in tunings.values()],
-            "cells": cells}
-    write_strict_json(path, done)
+    write_strict_json(path, {"partial": True, "definition": definition, "wall_time_s": round(wall_time_s, 1),
+                             "tuning": list(tunings.values()), "cells": cells})
+
+
+def resumed_runs(partial_path: Path, definition: dict[str, Any]) -> dict[str, Any]:
+    """The finished runs of a killed run (`save_partial`), checked to be those of the same command."""
+    if not partial_path.exists():
+        raise SystemExit(f"--resume: {partial_path} does not exist (nothing to resume; run without --resume)")
+    partial = json.loads(partial_path.read_text())
+    recorded = partial.get("definition") or {}
+    # JSON keeps tuples as lists: compare both as JSON.
+    differing = [name for name in RUN_DEFINING_ARGUMENTS
+                 if json.dumps(recorded.get(name)) != json.dumps(definition[name])]
+    if differing:
+        name = differing[0]
+        raise SystemExit(f"--resume: {partial_path} was run with --{name} {recorded.get(name)}, this command has "
+                         f"{definition[name]}; resume with the same command (or delete the file to start again)")
+    return partial
 
 
 def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int], noise_types: list[str],
         threads: int, progress: bool, partial_path: Path | None = None,
         earlier_tunings: dict[str, dict[str, Any]] | None = None,
-        combination_start: str = "defaults") -> dict[str, Any]:
-    """The whole table; `partial_path` receives the finished runs after each method's tuning and each cell. Single
-    methods are tuned before combinations; with `combination_start="components"` a combination starts from its
-    components' tunings (`inherited_settings`): this run's, else `earlier_tunings` (the table a `--rerun` goes into)."""
+        combination_start: str = "defaults", definition: dict[str, Any] | None = None,
+        resumed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole table; `partial_path` receives the finished runs after each method's tuning and each cell (with
+    `definition`, the arguments that define the run). Single methods are tuned before combinations; with
+    `combination_start="components"` a combination starts from its components' tunings (`inherited_settings`): this
+    run's, else `earlier_tunings` (the table a `--rerun` goes into). `resumed` (`resumed_runs`): a killed run's
+    finished tunings and cells, kept rather than trained again."""
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    start = time.perf_counter()
+    start = time.perf_counter() - (resumed["wall_time_s"] if resumed else 0.0)
+    done_tunings = {t["method"]: t for t in resumed["tuning"]} if resumed else {}
+    done_cells = {(c["noise_type"], c["noise_ratio"], c["method"]): c for c in resumed["cells"]} if resumed else {}
     splits = load_splits(setting)
     captions = list(iter_captions(splits.train))  # noise permutes captions: one tokenizer for every run
     if setting.model_size is not None:
@@ -962,18 +996,24 @@ def run(setting_name: str, setting: Setting, methods: list[str], seeds: list[int
     tunings: dict[str, dict[str, Any]] = {}
     for method in tuning_order(methods):
         bar.set_postfix_str(f"tuning {method}")
-        stage1 = (inherited_settings(method, {**(earlier_tunings or {}), **tunings})
-                  if combination_start == "components" else {})
-        tunings[method] = tune(setting, splits, method, seeds[0], captions, reference, stage1)
-        save_partial(partial_path, tunings, [])
+        if method in done_tunings:
+            tunings[method] = done_tunings[method]
+        else:
+            stage1 = (inherited_settings(method, {**(earlier_tunings or {}), **tunings})
+                      if combination_start == "components" else {})
+            tunings[method] = tune(setting, splits, method, seeds[0], captions, reference, stage1)
+            save_partial(partial_path, tunings, [], time.perf_counter() - start, definition)
         bar.update()
     tunings = {method: tunings[method] for method in methods}
     cells = []
     for noise_type, ratio in plan:
         for method in methods:
             bar.set_postfix_str(f"{noise_type} {ratio} {method}")
-            cells.append(run_cell(setting, splits, noise_type, ratio, method, seeds, captions, tunings[method], reference))
-            save_partial(partial_path, tunings, cells)
+            cell = done_cells.get((noise_type, ratio, method))
+            if cell is None:
+                cell = run_cell(setting, splits, noise_type, ratio, method, seeds, captions, tunings[method], reference)
+            cells.append(cell)
+            save_partial(partial_path, tunings, cells, time.perf_counter() - start, definition)
             bar.update()
     bar.close()
     summary = summarise(setting, cells, methods)
@@ -1136,8 +1176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--combination_start", choices=COMBINATION_STARTS, default="defaults",
                         help="where a combination's tuning starts: its defaults (the tables' protocol), or its "
                         "components' tuned settings (`inherited_settings`)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run of the same command from its robustness_<setting>.partial.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.resume and (args.render or args.budget_sweep):
+        parser.error("--resume continues a killed benchmark run; it cannot be combined with --render or --budget_sweep")
     if args.rerun:
         if args.render or args.budget_sweep:
             parser.error("--rerun trains methods; it cannot be combined with --render or --budget_sweep")
@@ -1238,12 +1282,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["budget"].setdefault("tuning_ratio", setting.tuning_ratio)
     else:
         earlier = rerun_base(output, args) if args.rerun else None
+        definition = run_definition(args)
         results = run(args.setting, setting, list(args.methods), list(args.seeds), list(args.noise_types),
                       args.threads, not args.no_progress, partial,
                       {t["method"]: t for t in earlier["tuning"]} if earlier is not None else None,
-                      args.combination_start)
+                      args.combination_start, definition, resumed_runs(partial, definition) if args.resume else None)
         results["quick"] = args.quick
-        results["command"] = " ".join(["python bench/robustness.py", *(sys.argv[1:] if argv is None else argv)])
+        # The command that makes the table (a resumed run's, without --resume), and whether it was resumed.
+        words = [word for word in (sys.argv[1:] if argv is None else argv) if word != "--resume"]
+        results["command"] = " ".join(["python bench/robustness.py", *words])
+        results["resumed"] = args.resume
         if earlier is not None:
             results = with_rerun(earlier, results, setting, output)
     results = write_outputs(output, results, plot, markdown)

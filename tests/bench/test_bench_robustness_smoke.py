@@ -158,6 +158,7 @@ def test_bad_arguments_are_rejected():
         ["--setting", "fashion_mnist", "--epochs", "0"],
         ["--setting", "cifar"],
         ["--setting", "fashion_mnist", "--rerun", "nlip", "--render"],
+        ["--setting", "fashion_mnist", "--resume", "--render"],
     ):
         with pytest.raises(SystemExit):
             module.parse_args(argv)
@@ -294,3 +295,50 @@ def test_clean_only_ceiling_trains_clip_on_the_intact_pairs_for_the_same_steps()
                           "margin_over_clip": margins,
                           "retention": {m: {r: 1.0 for r in ratios} for m in headline}}}
     assert module.targets(summary, ["clip", "nlip", module.CLEAN_ONLY])["best_method"] == "nlip"
+
+
+@needs_package("fashion_mnist")
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """`--resume` keeps the tunings and cells a killed run finished (from its partial JSON), trains only the rest, and
+    refuses another command's partial run."""
+    threads = torch.get_num_threads()
+    module = load_bench_script("robustness")
+    argv = ["--setting", "fashion_mnist", "--quick", "--methods", "clip", "--seeds", "0", "--noise_types", "random",
+            "--no-progress", "--output_dir", str(tmp_path)]
+    partial = tmp_path / "robustness_fashion_mnist.partial.json"
+    trained = []
+    run_cell = module.run_cell
+
+    def killed_after_one_cell(*args, **kwargs):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(args[2:5])
+        return run_cell(*args, **kwargs)
+
+    monkeypatch.setattr(module, "run_cell", killed_after_one_cell)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            module.main(argv)
+        saved = json.loads(partial.read_text())
+        assert [t["method"] for t in saved["tuning"]] == ["clip"] and "best_run" in saved["tuning"][0]
+        assert [(c["noise_ratio"], c["method"]) for c in saved["cells"]] == [(0.0, "clip")] and saved["wall_time_s"] > 0
+        with pytest.raises(SystemExit, match=r"was run with --seeds \[0\], this command has \[0, 1\]; resume with the same"):
+            module.main([*argv[:6], "0", "1", *argv[7:], "--resume"])
+
+        def not_again(*args, **kwargs):
+            raise AssertionError("a finished tuning was trained again")
+
+        monkeypatch.setattr(module, "tune", not_again)
+        trained.clear()
+        monkeypatch.setattr(module, "run_cell", lambda *args, **kwargs: trained.append(args[2:5]) or run_cell(*args, **kwargs))
+        results = module.main([*argv, "--resume"])
+    finally:
+        torch.set_num_threads(threads)
+    assert trained == [("random", 0.4, "clip")]  # only the cell the killed run had not finished
+    assert results["cells"][0] == saved["cells"][0] and [c["noise_ratio"] for c in results["cells"]] == [0.0, 0.4]
+    assert results["tuning"] == [{k: v for k, v in saved["tuning"][0].items() if k != "best_run"}]
+    assert results["resumed"] is True and "--resume" not in results["command"]
+    assert results["total_wall_time_s"] >= saved["wall_time_s"]
+    assert not partial.exists()
+    with pytest.raises(SystemExit, match=r"--resume: .*partial\.json does not exist \(nothing to resume"):
+        module.main([*argv, "--resume"])
