@@ -5,8 +5,8 @@ images) into a temporary folder, then measures through `trainers.data.pairs.load
 `DataLoader` with `ImageTextCollator` (JPEG decode, resize and crop to 224 px, CLIP normalisation, tokenisation):
 
 - **throughput**: pairs/s over `--pairs` pairs (in shards of `--throughput-shard-samples`), from local files and from
-  a loopback HTTP server (`tests/shard_server.py`, in a process of its own: Range support like an object store);
-  median of `--repeats` passes;
+  a loopback HTTP server (`tests/shard_server.py`, in a process of its own: Range support like an object store) and
+  from webdataset `pipe:cat SHARD` commands (a process per shard); median of `--repeats` passes;
 - **time to first batch** as shards grow (`--ttfb-shard-samples`, e.g. 100 / 1,000 / 10,000 samples = 1 / 11 / 110
   MB): from the `load_webdataset_pairs` call to the first collated batch, for process 0 of 2 (its first shard is
   shard 0: nothing to count) and process 1 of 2 (its first shard is shard 1: shard 0's sample count comes from its
@@ -187,9 +187,12 @@ def main() -> None:
                                     args.repeats),
                 "http": throughput(f"{server.url}/throughput/{pattern}", collator, args.batch_size, args.workers,
                                    args.repeats),
+                "pipe": throughput(f"pipe:cat {root / 'throughput'}/{pattern}", collator, args.batch_size,
+                                   args.workers, args.repeats),
             }
-            results["throughput"]["http_over_local"] = (results["throughput"]["http"]["pairs_per_s"]
-                                                        / results["throughput"]["local"]["pairs_per_s"])
+            for where in ("http", "pipe"):
+                results["throughput"][f"{where}_over_local"] = (results["throughput"][where]["pairs_per_s"]
+                                                                / results["throughput"]["local"]["pairs_per_s"])
             ttfb = []
             for size in args.ttfb_shard_samples:
                 shard_bytes = (root / f"ttfb-{size}" / "00000.tar").stat().st_size

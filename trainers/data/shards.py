@@ -25,6 +25,7 @@ them in full.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import io
@@ -181,7 +182,8 @@ class CommandOutput(io.RawIOBase):
         if not self.closed:
             self._process.stdout.close()
             if self._process.poll() is None:
-                os.killpg(self._process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may end in between
+                    os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()
             self._stderr.close()
         super().close()
