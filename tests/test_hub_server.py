@@ -198,6 +198,63 @@ def test_push_to_hub_then_remote_code_load_in_fresh_process(local_hub, tmp_path)
     torch.testing.assert_close(remote["text"], expected.text_embeds, rtol=1e-6, atol=1e-7)
 
 
+def test_webdataset_shards_stream_from_hf_paths(local_hub, tmp_path):
+    """`hf://` shards through huggingface_hub's own filesystem client (`HfFileSystem`) against the local Hub: a glob
+    lists them, and the streamed and mapped pairs, and a second process's stable indices (shard 0's count from its
+    `_stats.json` sidecar on the Hub), are those of the local files."""
+    import io
+    import tarfile
+
+    from trainers.data.pairs import load_webdataset_pairs
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(2):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(5):
+                buffer = io.BytesIO()
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(buffer, "PNG")
+                for name, data in ((f"{shard}{i:04d}.png", buffer.getvalue()), (f"{shard}{i:04d}.txt", b"a red square")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (folder / "00000_stats.json").write_text(json.dumps({"successes": 5}))
+    script = textwrap.dedent(
+        f"""
+        import json
+        import logging
+        from datasets.distributed import split_dataset_by_node
+        from huggingface_hub import HfApi
+        from trainers.data.pairs import load_webdataset_pairs
+        from trainers.data.shards import resolve_shards
+        HfApi().create_repo("shards", repo_type="dataset")
+        HfApi().upload_folder(folder_path={str(folder)!r}, path_in_repo="data", repo_id="nlip-tester/shards",
+                              repo_type="dataset")
+        pattern = "hf://datasets/nlip-tester/shards/data/*.tar"
+        messages = []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())
+        logging.getLogger("trainers.data.pairs").addHandler(handler)
+        stream = load_webdataset_pairs(pattern, streaming=True)
+        second = next(iter(split_dataset_by_node(stream, rank=1, world_size=2)))
+        print(json.dumps({{
+            "shards": resolve_shards(pattern),
+            "streamed": [[ex["key"], ex["index"], ex["text"]] for ex in stream],
+            "mapped": list(load_webdataset_pairs("hf://datasets/nlip-tester/shards/data/{{00000..00001}}.tar")["key"]),
+            "second": [second["key"], second["index"]],
+            "messages": messages,
+        }}))
+        """
+    )
+    result = json.loads(run_python(script, local_hub.env(tmp_path / "home")).strip().splitlines()[-1])
+    assert result["shards"] == [f"hf://datasets/nlip-tester/shards/data/{i:05d}.tar" for i in range(2)]
+    local = [[ex["key"], ex["index"], ex["text"]] for ex in load_webdataset_pairs(str(folder / "*.tar"), streaming=True)]
+    assert result["streamed"] == local and len(local) == 10
+    assert result["mapped"] == [key for key, _, _ in local]
+    assert result["second"] == ["00001.tar/10000", 5]
+    assert not any("sidecar" in message for message in result["messages"]), result["messages"]  # it was read
+
+
 def test_standalone_server_prints_its_url_and_stops_on_sigterm(tmp_path):
     server = subprocess.Popen([sys.executable, f"{TESTS_DIR}/hub_server.py", "--port", "0", "--root", str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

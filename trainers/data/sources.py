@@ -110,7 +110,9 @@ class DataArguments:
         default=None, metadata={"help": "An imagefolder directory with evaluation pairs (overrides a test split)."}
     )
     eval_shards: str | None = field(
-        default=None, metadata={"help": "Webdataset tar shards with evaluation pairs (a directory, glob or file)."}
+        default=None,
+        metadata={"help": "Webdataset tar shards with evaluation pairs, in any form --train_shards takes (a directory, "
+                  "glob, brace range, file, URL or 'pipe:' command)."},
     )
     streaming: bool = field(
         default=False,
