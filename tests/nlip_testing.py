@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import re
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -200,6 +202,33 @@ def noisy_fashion_mnist(num_pairs: int = 512, ratio: float = 0.4, seed: int = 0)
 
 def processor():
     return tiny_processor(tiny_tokenizer())
+
+
+def png(value: int, size: int = 8) -> bytes:
+    """A `size`-px square PNG whose red channel is `value`."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (size, size), (value, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def add_file(tar, name, data):
+    """Add the file `name` holding the bytes `data` to the open tar archive `tar`."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path, first, count, padding=0):
+    """`count` samples `KEY.png` + `KEY.txt`, keys `first`.. (`padding` random bytes in a `.bin` member per sample:
+    a larger shard whose headers are far apart)."""
+    rng = np.random.default_rng(first)
+    with tarfile.open(path, "w") as tar:
+        for i in range(first, first + count):
+            add_file(tar, f"{i:05d}.png", png(i % 256))
+            add_file(tar, f"{i:05d}.txt", f"caption {i}".encode())
+            if padding:
+                add_file(tar, f"{i:05d}.bin", rng.bytes(padding))
+    return path
 
 
 def noise_state_snapshot(noise_state) -> dict:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hub_server import LocalHub, git_blob_oid, local_hub, run_python  # noqa: F401  (local_hub is a fixture)
 from modeling_nlip import NLIPModel
-from nlip_testing import tiny_nlip_config, tiny_processor
+from nlip_testing import tiny_nlip_config, tiny_processor, write_shard
 
 TESTS_DIR = str(Path(__file__).parent)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -202,22 +202,12 @@ def test_webdataset_shards_stream_from_hf_paths(local_hub, tmp_path):
     """`hf://` shards through huggingface_hub's own filesystem client (`HfFileSystem`) against the local Hub: a glob
     lists them, and the streamed and mapped pairs, and a second process's stable indices (shard 0's count from its
     `_stats.json` sidecar on the Hub), are those of the local files."""
-    import io
-    import tarfile
-
     from trainers.data.pairs import load_webdataset_pairs
 
     folder = tmp_path / "shards"
     folder.mkdir()
-    for shard in range(2):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
-            for i in range(5):
-                buffer = io.BytesIO()
-                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(buffer, "PNG")
-                for name, data in ((f"{shard}{i:04d}.png", buffer.getvalue()), (f"{shard}{i:04d}.txt", b"a red square")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    write_shard(folder / "00000.tar", 0, 5)
+    write_shard(folder / "00001.tar", 10000, 5)
     (folder / "00000_stats.json").write_text(json.dumps({"successes": 5}))
     script = textwrap.dedent(
         f"""

@@ -33,7 +33,16 @@ import datasets
 import numpy as np
 import PIL.Image
 
-from .shards import ShardError, is_pipe, is_remote, iter_shard_samples, resolve_shards, shard_name, shard_offset, sidecar_count
+from .shards import (
+    ShardError,
+    is_pipe,
+    is_remote,
+    iter_shard_samples,
+    resolve_shards,
+    shard_name,
+    shard_offset,
+    sidecar_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -746,8 +755,7 @@ def _webdataset_split(
     if strict:  # fail before building anything: a header scan (no data read) finds truncated and corrupt shards
         for shard in shards:
             try:
-                # (a `pipe:` command cannot seek: it runs once for the scan, once for the read)
-                for _ in iter_shard_samples(shard, read_data=False, seekable=not is_pipe(shard), strict=True, warn=False):
+                for _ in iter_shard_samples(shard, read_data=False, seekable=True, strict=True, warn=False):
                     pass
             except ShardError as error:
                 raise InvalidPairError(str(error)) from None
@@ -793,7 +801,8 @@ def load_webdataset_pairs(
 
     `data_files`: a directory (its `*.tar*`), a glob, a brace range (`shards/{00000..00099}.tar`), a tar file, a URL
     any installed fsspec filesystem reads (`https://...`, `hf://datasets/...`, `s3://...`; globs where the filesystem
-    lists), a webdataset `pipe:COMMAND` (the command's standard output; see `trainers.data.shards`), a list of those, or a `{split: files}` mapping (returns a `DatasetDict`/`IterableDatasetDict`). The image
+    lists), a webdataset `pipe:COMMAND` (the command's standard output; see `trainers.data.shards`), a list of those,
+    or a `{split: files}` mapping (returns a `DatasetDict`/`IterableDatasetDict`). The image
     is the first of `image_keys` a sample has; the caption the first of `caption_keys`. Columns: `image`, `text`, `key`
     (`shard.tar/KEY`) and `index`.
 

@@ -272,11 +272,13 @@ def iter_shard_samples(
 ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """Yield `(key, {extension: bytes})` for each complete sample of a tar shard.
 
-    `read_data=False, seekable=True` is the header scan (data is seeked over, not read). On a truncated or corrupt
-    shard the samples before the damage are yielded, then a warning names the shard and the samples lost
-    (`expected` − complete when the count is known, else "at least 1"), `on_loss(lost, message)` is called, and with
-    `strict=True` a `ShardError` is raised instead. Reading and scanning stop at the same sample.
+    `read_data=False, seekable=True` is the header scan (data is seeked over, not read; a `pipe:` shard is read in
+    order whatever `seekable` says). On a truncated or corrupt shard the samples before the damage are yielded, then a
+    warning names the shard and the samples lost (`expected` − complete when the count is known, else "at least 1"),
+    `on_loss(lost, message)` is called, and with `strict=True` a `ShardError` is raised instead. Reading and scanning
+    stop at the same sample.
     """
+    seekable = seekable and not is_pipe(shard)  # a command's output is read once, in order
     ending: dict[str, str] = {}
     key, fields, complete = None, {}, 0
     try:

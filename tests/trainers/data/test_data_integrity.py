@@ -3,7 +3,6 @@
 metadata names the file and line; unlisted images, images over the pixel limit and all-invalid data are counted or
 named."""
 
-import io
 import json
 import logging
 import os
@@ -11,11 +10,11 @@ import tarfile
 import time
 
 import datasets
-import numpy as np
 import PIL.Image
 import pytest
 from datasets.distributed import split_dataset_by_node
 from shard_server import serve_directory
+from nlip_testing import add_file, png, write_shard
 from test_collator import tiny_processor
 
 from trainers.data.collator import SKIPPED_KEY, ImageTextCollator, is_empty_batch
@@ -31,31 +30,6 @@ from trainers.data.pairs import (
 )
 from trainers.data.shards import expand_braces, iter_shard_samples, resolve_shards, shard_count, shard_name
 from trainers.data.sources import DataArguments, load_pairs
-
-
-def png(value: int, size: int = 8) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new("RGB", (size, size), (value, 0, 0)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def add_file(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shard(path, first, count, padding=0):
-    """`count` samples `KEY.png` + `KEY.txt`, keys `first`.. (`padding` random bytes in a `.bin` member per sample:
-    a larger shard whose headers are far apart)."""
-    rng = np.random.default_rng(first)
-    with tarfile.open(path, "w") as tar:
-        for i in range(first, first + count):
-            add_file(tar, f"{i:05d}.png", png(i % 256))
-            add_file(tar, f"{i:05d}.txt", f"caption {i}".encode())
-            if padding:
-                add_file(tar, f"{i:05d}.bin", rng.bytes(padding))
-    return path
 
 
 @pytest.fixture
