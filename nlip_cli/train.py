@@ -36,6 +36,7 @@ is off unless asked for (it only warns there).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -358,8 +359,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print_summary(report)
         logger.info("Report: %s", json.dumps(report, default=str))
     if torch.distributed.is_initialized():
-        # Under torchrun/accelerate: tear the process group down before exit (left up, its gloo threads can abort
-        # the interpreter's shutdown with "terminate called without an active exception").
+        # Under torchrun/accelerate: tear the process group down before exit, once every process is done with it.
+        # DDP's reducer holds the group, and the trainer sits in reference cycles: it is collected first, or the
+        # group's gloo threads outlive destroy_process_group and can abort the interpreter's shutdown ("terminate
+        # called without an active exception").
+        torch.distributed.barrier()
+        del trainer, model
+        gc.collect()
         torch.distributed.destroy_process_group()
     # From the command line (console script, python -m) return None, so that `sys.exit(main())` exits with 0.
     return report if argv is not None else None

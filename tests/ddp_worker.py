@@ -10,6 +10,7 @@ reference on the same global batches (sequential sampling makes them the same pa
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -99,5 +100,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # as nlip_cli/train.py: no gloo threads left at interpreter exit
+    if torch.distributed.is_initialized():  # as nlip_cli/train.py: no gloo threads left at interpreter exit
+        torch.distributed.barrier()
+        gc.collect()  # the trainers' DDP reducers hold the process group
+        torch.distributed.destroy_process_group()
