@@ -8,8 +8,8 @@ them in full.
 - A `pipe:COMMAND` shard is the standard output of `COMMAND` run by the shell, read as it is written. A command that
   fails before writing anything is a missing shard (FileNotFoundError naming the command, its exit status and the end
   of its stderr); one that fails later is a truncated shard (the samples before are kept, the loss is counted). Its
-  name (the `shard.tar` of keys) is the last argument that ends like a tar file; it has no sidecar, so it is counted by
-  one sequential read.
+  name (the `shard.tar` of keys) is the last argument that ends like a tar file, and its sidecar is the one beside
+  that argument when fsspec reads it (a path or URL); without one it is counted by one sequential read.
 - `iter_shard_samples` yields the samples (`KEY.ext` files sharing a key) of one shard in a single sequential read
   (tar stream mode: works over HTTP without range requests). A shard cut inside a file's data, cut inside a tar header,
   ending without the end-of-archive marker, or with a corrupt header ends at the last complete sample with a warning
@@ -132,13 +132,20 @@ def resolve_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) 
     return shards
 
 
+def tar_argument(shard: str) -> str:
+    """The tar file a `pipe:` command reads: its last argument that ends like a tar file (else its last argument);
+    any other shard is its own."""
+    if not is_pipe(shard):
+        return shard
+    words = shlex.shlex(shard[len(PIPE_PREFIX):], posix=True, punctuation_chars=True)
+    words.whitespace_split = True  # split at blanks and `;|&()<>` only: a URL stays whole
+    arguments = list(words) or [shard]
+    return next((arg for arg in reversed(arguments) if arg.endswith(_TAR_SUFFIXES)), arguments[-1])
+
+
 def shard_name(shard: str) -> str:
-    """The shard's file name (`00012.tar`); for a `pipe:` command, that of its last argument ending like a tar file
-    (else of its last argument)."""
-    if is_pipe(shard):
-        arguments = list(shlex.shlex(shard[len(PIPE_PREFIX):], posix=True, punctuation_chars=True)) or [shard]
-        shard = next((arg for arg in reversed(arguments) if arg.endswith(_TAR_SUFFIXES)), arguments[-1])
-    return shard.rstrip("/").rsplit("/", 1)[-1]
+    """The shard's file name (`00012.tar`); for a `pipe:` command, that of its tar argument."""
+    return tar_argument(shard).rstrip("/").rsplit("/", 1)[-1]
 
 
 class CommandOutput(io.RawIOBase):
@@ -205,26 +212,29 @@ def _open(shard: str, *, seekable: bool):
     return fsspec.open(shard, "rb", **options).open()
 
 
-def sidecar_path(shard: str) -> str:
-    """img2dataset's per-shard statistics file: `00000.tar` -> `00000_stats.json`."""
+def sidecar_path(shard: str) -> str | None:
+    """img2dataset's per-shard statistics file: `00000.tar` -> `00000_stats.json`; for a `pipe:` command, the one
+    beside its tar argument (`pipe:curl -sfL https://host/00000.tar` -> `https://host/00000_stats.json`), or None when
+    it names no tar file."""
+    source = tar_argument(shard)
     for suffix in _TAR_SUFFIXES:
-        if shard.endswith(suffix):
-            return shard[: -len(suffix)] + SIDECAR_SUFFIX
-    return shard + SIDECAR_SUFFIX
+        if source.endswith(suffix):
+            return source[: -len(suffix)] + SIDECAR_SUFFIX
+    return None if is_pipe(shard) else source + SIDECAR_SUFFIX
 
 
 def sidecar_count(shard: str) -> int | None:
-    """The shard's sample count from its img2dataset `_stats.json` (`successes`), or None when there is none (a `pipe:`
-    command has none)."""
-    if is_pipe(shard):
-        return None
+    """The shard's sample count from its img2dataset `_stats.json` (`successes`), or None when there is none. A `pipe:`
+    command's sidecar (`sidecar_path`) is read directly, when it is a path or a URL fsspec reads."""
     path = sidecar_path(shard)
     try:
-        if not is_remote(path) and not os.path.isfile(path):
+        if path is None or (not is_remote(path) and not os.path.isfile(path)):
             return None
         with _open(path, seekable=False) as file:
             stats = json.loads(file.read().decode("utf-8"))
-    except (OSError, ValueError) as error:  # FileNotFoundError (404), a broken file: no sidecar count
+    except ImportError:  # a protocol only the pipe's command reads (`s3://` without s3fs): no sidecar count
+        return None
+    except Exception as error:  # 404, a refused request, a broken file: a sidecar is a shortcut, the shard is counted
         if not isinstance(error, FileNotFoundError):
             logger.warning("Ignoring the sidecar %s: %s", path, error)
         return None
@@ -343,7 +353,7 @@ def shard_count(shard: str, strict: bool = False) -> int:
     if is_remote(shard):
         logger.warning("No %s sidecar for %s: counting its samples (for the stable indices of the shards after it) by "
                        "reading it once.%s", SIDECAR_SUFFIX, shard,
-                       "" if is_pipe(shard) else " img2dataset's sidecars make this unnecessary.")
+                       "" if sidecar_path(shard) is None else " img2dataset's sidecars make this unnecessary.")
         return sum(1 for _ in iter_shard_samples(shard, read_data=False, strict=strict, warn=False))
     return sum(1 for _ in iter_shard_samples(shard, read_data=False, seekable=True, strict=strict, warn=False))
 

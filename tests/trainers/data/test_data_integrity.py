@@ -28,7 +28,15 @@ from trainers.data.pairs import (
     load_imagefolder_pairs,
     load_webdataset_pairs,
 )
-from trainers.data.shards import expand_braces, iter_shard_samples, resolve_shards, shard_count, shard_name
+from trainers.data.shards import (
+    expand_braces,
+    iter_shard_samples,
+    resolve_shards,
+    shard_count,
+    shard_name,
+    sidecar_count,
+    tar_argument,
+)
 from trainers.data.sources import DataArguments, load_pairs
 
 
@@ -208,14 +216,42 @@ def test_pipe_commands_give_the_pairs_of_the_files(tmp_path):
     assert mapped["key"] == [key for key, _, _ in local] and report.skipped == 0
 
 
-@pytest.mark.parametrize("command, name", [
-    ("pipe:curl -sfL https://host/shards/00007.tar", "00007.tar"),
-    ("pipe:aws s3 cp s3://bucket/shards/00007.tar.gz -", "00007.tar.gz"),
-    ("pipe:cat /data/00007.tar; sleep 1", "00007.tar"),
+@pytest.mark.parametrize("command, argument", [
+    ("pipe:curl -sfL https://host/shards/00007.tar", "https://host/shards/00007.tar"),
+    ("pipe:curl -sfL http://127.0.0.1:8080/00007.tar|cat", "http://127.0.0.1:8080/00007.tar"),
+    ("pipe:aws s3 cp s3://bucket/shards/00007.tar.gz -", "s3://bucket/shards/00007.tar.gz"),
+    ("pipe:cat '/my shards/00007.tar'; sleep 1", "/my shards/00007.tar"),
     ("pipe:my-fetcher --id 7", "7"),
 ])
-def test_a_pipe_shard_is_named_by_its_tar_argument(command, name):
-    assert shard_name(command) == name
+def test_a_pipe_shard_is_named_by_its_tar_argument(command, argument):
+    assert tar_argument(command) == argument
+    assert shard_name(command) == argument.rsplit("/", 1)[-1]
+
+
+def test_a_pipe_command_is_counted_from_the_sidecar_beside_its_tar_argument(tmp_path, caplog):
+    """A process that starts at shard 1 takes shard 0's count from the `00000_stats.json` beside the command's tar
+    argument (a path or a URL) without running its command; a command naming no tar file, a missing sidecar or one on
+    a protocol fsspec cannot read here (`s3://` without s3fs) give no count, and the shard is counted by a read."""
+    for i in range(2):
+        write_shard(tmp_path / f"{i:05d}.tar", 100 * i, 5)
+    ran = tmp_path / "ran"
+    pattern = f"pipe:touch {ran}; cat {tmp_path}/{{00000..00001}}.tar"
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 5}))
+    second = split_dataset_by_node(load_webdataset_pairs(pattern, streaming=True), rank=1, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="trainers.data.pairs"):
+        first_example = next(iter(second))
+    assert (first_example["key"], first_example["index"]) == ("00001.tar/00100", 5)
+    assert "sidecar" not in caplog.text
+    assert ran.exists()  # shard 1's command ran...
+    ran.unlink()
+    assert shard_count(f"pipe:touch {ran}; cat {tmp_path}/00000.tar") == 5 and not ran.exists()  # ...shard 0's did not
+    with serve_directory(tmp_path) as server:
+        assert sidecar_count(f"pipe:curl -sfL {server.url}/00000.tar") == 5
+        assert sidecar_count(f"pipe:curl -sfL {server.url}/00001.tar") is None  # 404
+    assert sidecar_count(f"pipe:cat {tmp_path}/00001.tar") is None
+    assert sidecar_count("pipe:aws s3 cp s3://bucket/shards/00000.tar -") is None
+    assert sidecar_count("pipe:my-fetcher --id 0") is None
+    assert "Ignoring the sidecar" not in caplog.text
 
 
 def test_a_failing_pipe_command_is_a_missing_shard_or_a_truncated_one(tmp_path, caplog):
