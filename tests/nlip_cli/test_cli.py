@@ -17,6 +17,7 @@ from PIL import Image
 
 from nlip_cli import audit, caption, evaluate, train
 from nlip_cli.cli import read_args_file
+from nlip_testing import add_file
 from trainers.data.sources import DataArguments, load_pairs
 from trainers.models import load_checkpoint
 from trainers.data.real_datasets import DEBIAN_SOURCES, _seeded_split
@@ -185,9 +186,7 @@ def test_webdataset_labels_from_cls_files_and_json(tmp_path):
             files = {"png": buffer.getvalue(), "txt": f"a photo {i}".encode(), "cls": str(i % 3).encode(),
                      "json": json.dumps({"caption": f"a photo {i}", "species": ["cat", "dog"][i % 2]}).encode()}
             for extension, payload in files.items():
-                info = tarfile.TarInfo(f"{i:05d}.{extension}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+                add_file(tar, f"{i:05d}.{extension}", payload)
     by_cls = load_pairs(DataArguments(train_shards=str(shards), eval_shards=str(shards), label_column="cls",
                                       class_names=["a", "b", "c"]))
     assert by_cls.class_names == ["a", "b", "c"] and by_cls.eval["cls"] == [0, 1, 2, 0, 1, 2]

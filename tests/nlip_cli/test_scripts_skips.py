@@ -14,7 +14,7 @@ from PIL import Image
 from shard_server import serve_directory
 
 from nlip_cli import audit, train
-from nlip_testing import save_tiny_dual_checkpoint
+from nlip_testing import add_file, save_tiny_dual_checkpoint
 from trainers.data.pairs import MISSING_IMAGE, UNLISTED_IMAGE
 
 
@@ -96,10 +96,8 @@ def test_streaming_training_from_loopback_http_or_a_pipe_command(through, tmp_pa
     for shard in range(2):
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for i in range(8):
-                for name, data in ((f"{shard}{i:04d}.png", _png(20 * i)), (f"{shard}{i:04d}.txt", b"a photo")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                add_file(tar, f"{shard}{i:04d}.png", _png(20 * i))
+                add_file(tar, f"{shard}{i:04d}.txt", b"a photo")
     with serve_directory(folder) if through == "http" else contextlib.nullcontext() as server:
         shards = server.url + "/{00000..00001}.tar" if through == "http" else f"pipe:cat {folder}/{{00000..00001}}.tar"
         report = train.main(["--model_name_or_path", dual_checkpoint, "--train_shards", shards, "--streaming",

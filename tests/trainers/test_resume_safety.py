@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nlip_testing import processor, single_thread, synthetic_pairs, tiny_model, training_args
+from nlip_testing import add_file, processor, single_thread, synthetic_pairs, tiny_model, training_args
 from trainers.data.pairs import load_webdataset_pairs
 from trainers.noise.state import NOISE_STATE_JSON, NOISE_STATE_TENSORS, NoiseStateError
 from trainers.trainer import NLIPTrainer
@@ -146,11 +146,8 @@ def _write_shard(path):
     with tarfile.open(path, "w") as tar:
         for i in range(48):
             bad = 24 <= i < 32
-            for name, data in ((f"{i:05d}.png", _png(5 * i)[: 30 if bad else None]),
-                               (f"{i:05d}.txt", f"a photo of a thing {i}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add_file(tar, f"{i:05d}.png", _png(5 * i)[: 30 if bad else None])
+            add_file(tar, f"{i:05d}.txt", f"a photo of a thing {i}".encode())
 
 
 def _stream_run(output_dir, shard, resume=None):

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from datasets.distributed import split_dataset_by_node
+from nlip_testing import add_file
 from test_collator import tiny_processor
 from torch.utils.data import DataLoader
 
@@ -133,12 +134,6 @@ def test_imagefolder_splits_and_missing_caption_column(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- webdataset
-
-
-def add_file(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture

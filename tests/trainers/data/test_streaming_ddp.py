@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from shard_server import serve_directory
 
-from nlip_testing import REPO_ROOT, save_tiny_dual_checkpoint
+from nlip_testing import REPO_ROOT, add_file, save_tiny_dual_checkpoint
 
 REPO = str(REPO_ROOT)
 NUM_SHARDS, PER_SHARD, MAX_STEPS, SAVE_STEPS = 4, 12, 6, 2
@@ -39,10 +39,8 @@ def shards(tmp_path_factory):
             for i in range(PER_SHARD):
                 key = f"{shard}{i:04d}"
                 caption = f"a photo of a {words[(shard + i) % 8]} {words[(3 * i) % 8]}".encode()
-                for name, data in ((f"{key}.png", _png((37 * shard + 11 * i) % 256)), (f"{key}.txt", caption)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                add_file(tar, f"{key}.png", _png((37 * shard + 11 * i) % 256))
+                add_file(tar, f"{key}.txt", caption)
     return folder
 
 
