@@ -36,7 +36,6 @@ is off unless asked for (it only warns there).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -60,6 +59,7 @@ from trainers.models import (
     load_training_model,
 )
 from trainers.data.collator import ImageTextCollator
+from trainers.distributed import end_process_group
 from trainers.data.pairs import column_values
 from trainers.evaluation.embeddings import build_zero_shot_classifier
 from trainers.evaluation.metrics import retrieval_metrics, zero_shot_accuracy
@@ -358,15 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if trainer.is_world_process_zero():
         print_summary(report)
         logger.info("Report: %s", json.dumps(report, default=str))
-    if torch.distributed.is_initialized():
-        # Under torchrun/accelerate: tear the process group down before exit, once every process is done with it.
-        # DDP's reducer holds the group, and the trainer sits in reference cycles: it is collected first, or the
-        # group's gloo threads outlive destroy_process_group and can abort the interpreter's shutdown ("terminate
-        # called without an active exception").
-        torch.distributed.barrier()
-        del trainer, model
-        gc.collect()
-        torch.distributed.destroy_process_group()
+    del trainer, model  # under torchrun/accelerate, DDP's reducer holds the process group: released before it ends
+    end_process_group()
     # From the command line (console script, python -m) return None, so that `sys.exit(main())` exits with 0.
     return report if argv is not None else None
 

@@ -10,7 +10,6 @@ reference on the same global batches (sequential sampling makes them the same pa
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nlip_testing import processor, synthetic_pairs, tiny_model, training_args  # noqa: E402
+from trainers.distributed import end_process_group  # noqa: E402
 
 
 NUM_PAIRS = 16
@@ -100,7 +100,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():  # as nlip_cli/train.py: no gloo threads left at interpreter exit
-        torch.distributed.barrier()
-        gc.collect()  # the trainers' DDP reducers hold the process group
-        torch.distributed.destroy_process_group()
+    end_process_group()  # as nlip_cli/train.py: no gloo threads left at interpreter exit

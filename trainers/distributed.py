@@ -1,5 +1,5 @@
 """Gathers across data-parallel processes: features with gradient (global-batch contrastive losses) and per-sample
-state without (so that every process holds the same loss bank and noise estimates).
+state without (so that every process holds the same loss bank and noise estimates); and the process group's end.
 
 Why an autograd-aware gather: every process computes the same global loss from the gathered features, and the
 gather's backward (a reduce-scatter sum) hands each process `world_size ×` the gradient of its own rows; DDP's gradient
@@ -12,6 +12,7 @@ un-padded, so a collective never hangs on mismatched shapes.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,3 +91,16 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world_size)
+
+
+def end_process_group() -> None:
+    """Destroy the default process group once every process is done with it (nothing without one).
+
+    Drop the trainer first: DDP's reducer holds the group and a trainer sits in reference cycles, so it is collected
+    here; left to the interpreter's shutdown, the group's gloo threads can abort it ("terminate called without an
+    active exception")."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

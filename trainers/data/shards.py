@@ -232,10 +232,10 @@ def sidecar_count(shard: str) -> int | None:
             return None
         with _open(path, seekable=False) as file:
             stats = json.loads(file.read().decode("utf-8"))
-    except ImportError:  # a protocol only the pipe's command reads (`s3://` without s3fs): no sidecar count
-        return None
-    except Exception as error:  # 404, a refused request, a broken file: a sidecar is a shortcut, the shard is counted
-        if not isinstance(error, FileNotFoundError):
+    except Exception as error:  # a sidecar is a shortcut: without its count the shard is counted
+        # Quietly for a 404 or a protocol only a pipe's command reads (`s3://` without s3fs); else a refused request
+        # or a broken file, said.
+        if not isinstance(error, (FileNotFoundError, ImportError)):
             logger.warning("Ignoring the sidecar %s: %s", path, error)
         return None
     for key in ("successes", "num_samples", "count"):
